@@ -1,0 +1,147 @@
+"""The `univ` command line: parses options, calls the stages, prints their tables.
+
+Tables go to stdout; progress bars and logs go to stderr, so `univ ... > table.md` is clean.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+try:  # typer >= 0.2x bundles its own click; older typer uses click's exceptions
+    from typer import TyperException as _UsageError
+except ImportError:
+    from click import ClickException as _UsageError
+
+from .errors import UnivError
+from .options import parse_count
+from .tables import Format, render
+
+app = typer.Typer(
+    name="univ",
+    help="Mechanistic similarity across language model architectures (SAE features, MPPC, circuits).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+FormatOpt = typer.Option(Format.github, "--format", help="Table format on stdout.")
+CacheDirOpt = typer.Option(Path("univ-cache"), "--cache-dir", envvar="UNIV_CACHE", help="Cache root.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
+DEFAULT_DATASET = "Skylion007/openwebtext"
+
+
+def _fail(message: str, code: int = 1):
+    typer.echo(f"univ: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn the errors a user can cause into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UnivError as e:
+            _fail(str(e))
+        except OSError as e:  # disk full, permissions, files vanishing under us
+            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", 130)
+
+    return wrapper
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+@app.callback()
+def _setup() -> None:
+    log = logging.getLogger("univ")
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("univ: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@app.command()
+@user_errors
+def cache(
+    model: list[str] = typer.Option(..., "--model", "-m", help="Model alias, Hub id or local folder; repeat to cache several models over the same tokens."),
+    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Hugging Face dataset name, or a local .txt/.jsonl/.parquet file or folder."),
+    tokens: str = typer.Option("1M", "--tokens", help="Kept tokens per store: 10000, 250k, 1M."),
+    ctx_len: int = typer.Option(1024, "--ctx-len", help="Tokens per context, BOS included."),
+    layers: str = typer.Option("all", "--layers", help="'all' or e.g. '0,3,5-7'."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Contexts per forward pass."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    seed: int = typer.Option(42, "--seed", help="Seed of the document order."),
+    split: str = typer.Option("train", "--split", help="Dataset split (Hugging Face datasets)."),
+    dataset_revision: str = typer.Option(None, "--dataset-revision", help="Dataset revision on the Hub, e.g. refs/convert/parquet."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text."),
+    chunk_tokens: str = typer.Option("64k", "--chunk-tokens", help="Context tokens per chunk file (the unit of resumption)."),
+    cache_dir: Path = CacheDirOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute the activation stores."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Cache residual-stream activations of one or more models over one shared token store."""
+    from .cache import CacheConfig, run_cache
+
+    cfg = CacheConfig(
+        models=model, dataset=dataset, tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len,
+        layers=layers, batch_size=batch_size, dtype=dtype, device=device, seed=seed, split=split,
+        dataset_revision=dataset_revision, text_field=text_field, chunk_tokens=parse_count(chunk_tokens, "--chunk-tokens"),
+        cache_dir=cache_dir, force=force,
+    )
+    result = run_cache(cfg)
+    typer.echo(render({"cache": [r._asdict() for r in result.models]}, fmt))
+
+
+def _not_implemented(name: str, summary: str):
+    @user_errors
+    def command(ctx: typer.Context, fmt: Format = FormatOpt) -> None:
+        raise UnivError(f"univ {name}: not implemented yet")
+
+    command.__doc__ = f"{summary} (not implemented yet)"
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+
+
+_not_implemented("fit-sae", "Train one sparse autoencoder per layer")
+_not_implemented("match", "MPPC between two models' SAE features, depth map, baselines and skylines")
+_not_implemented("induction", "Path patching of the induction circuit")
+_not_implemented("offbyone", "The Off-by-One motif: where a token's information enters the state")
+_not_implemented("all", "The whole study: cache, fit-sae, match, induction, offbyone, report")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `univ` console script and of `python univ.py`."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="univ", standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except _UsageError as e:  # usage errors: one line, exit 2 as click does
+        typer.echo(f"univ: error: {e.format_message()}", err=True)
+        code = e.exit_code
+    except typer.Abort:
+        typer.echo("univ: error: aborted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
