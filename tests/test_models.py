@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from conftest import build_mamba_ssm
+from univ import models
+from univ.errors import UnivError
+
+
+def _tokens(assets, n=3, length=12):
+    ids = assets["tokenizer"](assets["docs"][:n], add_special_tokens=False)["input_ids"]
+    return torch.tensor([[0] + x[: length - 1] for x in ids if len(x) >= length - 1][:2])
+
+
+def test_aliases_point_at_the_study_checkpoints():
+    assert models.ALIASES["pythia-160m"] == "EleutherAI/pythia-160m"
+    assert models.ALIASES["mamba-130m"] == "state-spaces/mamba-130m-hf"
+    assert models.ALIASES["pythia-160m-seed3"] == "EleutherAI/pythia-160m-seed3"
+    assert models.ALIASES["mamba-2.8b"] == "state-spaces/mamba-2.8b-hf"
+
+
+@pytest.mark.parametrize("family", ["neox", "mamba"])
+def test_resid_post_is_the_output_of_each_block(assets, family):
+    """resid_post[l] is what block l returns: block l+1's input, and for the last block the
+    stream that the final norm and the unembedding turn into the logits."""
+    lm = models.load(str(assets[family]), device="cpu")
+    tokens = _tokens(assets)
+    resid = lm.resid(tokens, list(range(lm.n_layers)))
+    assert resid.shape == (lm.n_layers, *tokens.shape, lm.d_model)
+
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw, i=i: inputs.__setitem__(i, (a[0] if a else kw["hidden_states"])),
+                                         with_kwargs=True) for i, b in enumerate(lm.blocks())]
+    logits = lm.model(input_ids=tokens).logits
+    for h in hooks:
+        h.remove()
+    for layer in range(lm.n_layers - 1):
+        torch.testing.assert_close(resid[layer], inputs[layer + 1].to(resid.dtype))
+    assert not torch.allclose(resid[0], inputs[0])
+    final_norm = lm.model.gpt_neox.final_layer_norm if family == "neox" else lm.model.backbone.norm_f
+    head = lm.model.get_output_embeddings()
+    torch.testing.assert_close(head(final_norm(resid[-1])), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resid_subset_matches_all_layers(assets):
+    lm = models.load(str(assets["mamba"]), device="cpu")
+    tokens = _tokens(assets)
+    full = lm.resid(tokens, [0, 1, 2])
+    torch.testing.assert_close(lm.resid(tokens, [1]), full[1:2])
+
+
+def test_original_mamba_ssm_checkpoint_converts_on_load(assets, tmp_path):
+    ssm_dir = build_mamba_ssm(tmp_path / "mamba-ssm", assets["mamba"])
+    src = models.resolve(str(ssm_dir))
+    assert (src.layout, src.family, src.n_layers) == ("mamba_ssm", "mamba", 3)
+    ours, ref = models.load(str(ssm_dir), device="cpu"), models.load(str(assets["mamba"]), device="cpu")
+    tokens = _tokens(assets)
+    torch.testing.assert_close(ours.resid(tokens, [0, 1, 2]), ref.resid(tokens, [0, 1, 2]))
+    torch.testing.assert_close(ours.model(input_ids=tokens).logits, ref.model(input_ids=tokens).logits)
+
+
+def test_mamba_ssm_checkpoint_without_tokenizer_needs_gpt_neox_20b(assets, tmp_path):
+    ssm_dir = build_mamba_ssm(tmp_path / "bare", assets["mamba"], with_tokenizer=False)
+    with pytest.raises(UnivError, match="gpt-neox-20b"):
+        models.load_tokenizer(models.resolve(str(ssm_dir)))
+
+
+def test_tokenizer_fingerprint_tells_tokenizers_apart(assets):
+    fp = [models.tokenizer_fingerprint(models.load_tokenizer(models.resolve(str(assets[k]))))
+          for k in ("neox", "mamba", "neox_other")]
+    assert fp[0] == fp[1] != fp[2]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no-such-model-alias", "could not be fetched"),
+    ("./no/such/dir", "does not exist"),
+])
+def test_unknown_models_are_clear_errors(name, message):
+    with pytest.raises(UnivError, match=message):
+        models.resolve(name)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UnivError, match="not supported"):
+        models.resolve(str(tmp_path))

@@ -1,0 +1,372 @@
+"""Model names, loading, and one small adapter per architecture family.
+
+Convention, stated once: ``resid_post[l]`` is the residual stream leaving block ``l``
+(0-based), before any final norm. It is read with forward hooks on the blocks, because the
+families index ``hidden_states`` differently and its last entry is already normed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UnivError
+
+PYTHIA_SIZES = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
+MAMBA_SIZES = ["130m", "370m", "790m", "1.4b", "2.8b"]
+
+ALIASES: dict[str, str] = {
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in PYTHIA_SIZES},
+    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in PYTHIA_SIZES},
+    **{f"pythia-160m-seed{n}": f"EleutherAI/pythia-160m-seed{n}" for n in range(1, 10)},
+    **{f"mamba-{s}": f"state-spaces/mamba-{s}-hf" for s in MAMBA_SIZES},
+}
+
+# Original mamba-ssm checkpoints ship no tokenizer; the Mamba models were trained with this one.
+MAMBA_SSM_TOKENIZER = "EleutherAI/gpt-neox-20b"
+FAMILIES = ("gpt_neox", "mamba")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives, resolved without loading its weights."""
+
+    name: str
+    """The name as the user gave it (alias, Hub id or path)."""
+    ref: str
+    """Hub id, or the absolute path of a local directory."""
+    path: Path
+    """Local directory holding config.json (a Hub snapshot or the user's folder)."""
+    revision: str
+    """Hub commit hash, or a content hash of the weights for a local directory."""
+    layout: str
+    """'hf' (transformers format) or 'mamba_ssm' (original mamba-ssm checkpoint)."""
+    family: str
+    """'gpt_neox' or 'mamba'."""
+    config: dict
+    """The checkpoint's config.json."""
+
+    @property
+    def n_layers(self) -> int:
+        c = self.config
+        return int(c.get("num_hidden_layers") or c.get("n_layer"))
+
+    @property
+    def d_model(self) -> int:
+        c = self.config
+        return int(c.get("hidden_size") or c.get("d_model"))
+
+    @property
+    def max_ctx(self) -> int | None:
+        """Longest context the model accepts (None: no positional limit, as in Mamba)."""
+        if self.family == "gpt_neox":
+            return int(self.config["max_position_embeddings"])
+        return None
+
+    @property
+    def is_local(self) -> bool:
+        return self.ref.startswith("/")
+
+    @property
+    def hub_revision(self) -> str | None:
+        """The revision to pass to from_pretrained (None for a local directory)."""
+        return None if self.is_local else self.revision
+
+    @property
+    def short_name(self) -> str:
+        return Path(self.ref).name if self.is_local else self.ref.split("/")[-1]
+
+
+def _hub_errors():
+    from huggingface_hub import errors
+
+    return (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError,
+            errors.HFValidationError, errors.OfflineModeIsEnabled, OSError, ValueError)
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None, what: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except _hub_errors() as e:
+        reason = type(e).__name__
+        raise UnivError(
+            f"{what} {repo_id!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face Hub ({reason}); check the name, or download it and pass its folder"
+        ) from None
+
+
+def _fingerprint_dir(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                while block := fh.read(1 << 24):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _layout_and_family(config: dict, where: str) -> tuple[str, str]:
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        return "hf", model_type
+    if model_type is None and "d_model" in config and "n_layer" in config:
+        return "mamba_ssm", "mamba"
+    raise UnivError(
+        f"{where}: model type {model_type!r} is not supported (univ knows GPT-NeoX and Mamba)"
+    )
+
+
+def resolve(name: str, revision: str | None = None) -> ModelSource:
+    """Turn an alias, Hub id or local directory into a ModelSource (reads config.json only)."""
+    ref = ALIASES.get(name, name)
+    local = Path(ref).expanduser()
+    if local.exists() or ref.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise UnivError(f"model path {name!r} does not exist or is not a directory")
+        config_path = local / "config.json"
+        if not config_path.is_file():
+            raise UnivError(f"model directory {name!r} has no config.json")
+        path = local.resolve()
+        ref, rev = str(path), _fingerprint_dir(path)
+    else:
+        config_path = _hub_file(ref, "config.json", revision, "model")
+        path = config_path.parent
+        rev = path.name  # the snapshot folder is named by its commit hash
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UnivError(f"cannot read {config_path}: {e}") from None
+    layout, family = _layout_and_family(config, name)
+    return ModelSource(name, ref, path, rev, layout, family, config)
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    has_own = any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if has_own or src.layout == "hf":
+        ref, revision = src.ref, src.hub_revision
+    else:
+        ref, revision = MAMBA_SSM_TOKENIZER, None
+    try:
+        return AutoTokenizer.from_pretrained(ref, revision=revision)
+    except _hub_errors() as e:
+        raise UnivError(f"cannot load the tokenizer of {src.name!r} from {ref!r}: {type(e).__name__}") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides token ids: vocabulary, merges, normalisation, splitting, added tokens."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}
+    keep["added_tokens"] = added
+    keep["bos"] = bos_id(tokenizer)
+    blob = json.dumps(keep, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def bos_id(tokenizer) -> int:
+    """The id prepended to every document: BOS, or EOS where a tokenizer has no BOS (as GPT-2)."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise UnivError("the tokenizer has neither a BOS nor an EOS token to start documents with")
+
+
+def special_ids(tokenizer) -> list[int]:
+    """Ids whose positions are dropped from every activation store (BOS, EOS, PAD)."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnivError(f"--device {device}: no CUDA device is available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UnivError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on a GPU and fp32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UnivError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+class _Stop(Exception):
+    """Raised from the hook on the deepest requested block to skip the rest of the forward."""
+
+
+class LM:
+    """A causal LM behind the interface univ's stages use. One subclass per family."""
+
+    family: str
+
+    def __init__(self, source: ModelSource, model: nn.Module, tokenizer):
+        self.source = source
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_layers = source.n_layers
+        self.d_model = int(model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def body(self) -> nn.Module:
+        """The model without its LM head."""
+        raise NotImplementedError
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def resid(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """resid_post of the given layers: [len(layers), batch, pos, d_model], model dtype."""
+        out: dict[int, torch.Tensor] = {}
+        last = max(layers)
+
+        def hook(layer: int):
+            def fn(_module, _inputs, output):
+                out[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _Stop
+
+            return fn
+
+        handles = [self.blocks()[layer].register_forward_hook(hook(layer)) for layer in layers]
+        try:
+            self.body()(input_ids=tokens.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack([out[layer].to(self.dtype) for layer in layers])
+
+
+class GPTNeoXLM(LM):
+    family = "gpt_neox"
+
+    def body(self):
+        return self.model.gpt_neox
+
+    def blocks(self):
+        return self.model.gpt_neox.layers
+
+
+class MambaLM(LM):
+    family = "mamba"
+
+    def body(self):
+        return self.model.backbone
+
+    def blocks(self):
+        return self.model.backbone.layers
+
+
+ADAPTERS = {"gpt_neox": GPTNeoXLM, "mamba": MambaLM}
+
+
+def mamba_ssm_to_hf_config(cfg: dict):
+    """transformers' MambaConfig for an original mamba-ssm config.json."""
+    from transformers import MambaConfig
+
+    ssm = cfg.get("ssm_cfg") or {}
+    vocab = int(cfg["vocab_size"])
+    multiple = int(cfg.get("pad_vocab_size_multiple", 8))
+    vocab += (-vocab) % multiple  # mamba-ssm pads the embedding to this multiple
+    d_model = int(cfg["d_model"])
+    return MambaConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=int(cfg["n_layer"]),
+        state_size=int(ssm.get("d_state", 16)),
+        conv_kernel=int(ssm.get("d_conv", 4)),
+        expand=int(ssm.get("expand", 2)),
+        intermediate_size=int(ssm.get("expand", 2)) * d_model,
+        time_step_rank=math.ceil(d_model / 16) if ssm.get("dt_rank", "auto") == "auto" else int(ssm["dt_rank"]),
+        use_bias=bool(ssm.get("bias", False)),
+        use_conv_bias=bool(ssm.get("conv_bias", True)),
+        residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=bool(cfg.get("tie_embeddings", True)),
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+def _load_mamba_ssm(src: ModelSource, dtype: torch.dtype) -> nn.Module:
+    from transformers import MambaForCausalLM
+
+    if not cfg_is_pure_mamba(src.config):
+        raise UnivError(f"{src.name!r}: hybrid mamba-ssm checkpoints (attention layers) are not supported")
+    weights = src.path / "pytorch_model.bin"
+    if not weights.is_file():
+        weights = _hub_file(src.ref, "pytorch_model.bin", src.revision, "model")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise UnivError(f"cannot read {weights}: {e}") from None
+    state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}
+    model = MambaForCausalLM(mamba_ssm_to_hf_config(src.config))
+    state.setdefault("lm_head.weight", state["backbone.embeddings.weight"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UnivError(f"{src.name!r}: unexpected mamba-ssm weights (missing {missing[:3]}, extra {unexpected[:3]})")
+    model.tie_weights()
+    return model.to(dtype)
+
+
+def cfg_is_pure_mamba(cfg: dict) -> bool:
+    return not cfg.get("attn_layer_idx") and int(cfg.get("d_intermediate", 0) or 0) == 0
+
+
+def load(name: str, device: str = "auto", dtype: str = "auto", revision: str | None = None) -> LM:
+    """Load a model by alias, Hub id or local directory, in eval mode on the device."""
+    src = resolve(name, revision)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    return load_source(src, dev, dt)
+
+
+def load_source(src: ModelSource, device: torch.device, dtype: torch.dtype) -> LM:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # univ's own bars are the ones that matter on stderr
+
+    if src.layout == "mamba_ssm":
+        model = _load_mamba_ssm(src, dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.ref, revision=src.hub_revision, dtype=dtype
+            )
+        except _hub_errors() as e:
+            raise UnivError(f"cannot load model {src.name!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    model.to(device).eval().requires_grad_(False)
+    return ADAPTERS[src.family](src, model, load_tokenizer(src))
