@@ -1,0 +1,152 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_corpus
+from univ import cache as cache_stage
+from univ import models
+from univ.cache import CacheConfig, build_token_store, run_cache
+from univ.errors import UnivError
+from univ.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(assets, tmp_path, *names, **kw):
+    base = dict(models=[str(assets[n]) for n in names], dataset=str(assets["corpus"]), tokens=1500,
+                ctx_len=24, chunk_tokens=96, batch_size=3, cache_dir=tmp_path / "cache")
+    return CacheConfig(**{**base, **kw})
+
+
+def _store_files(cache_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache_dir)): p.read_bytes() for p in sorted(cache_dir.rglob("chunk-*"))}
+
+
+def _manifests(cache_dir: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(cache_dir.rglob("manifest.json")):
+        m = json.loads(p.read_text())
+        m.pop("seconds")  # wall time differs between runs; everything else must not
+        out[str(p.relative_to(cache_dir))] = m
+    return out
+
+
+def test_cached_rows_are_the_models_residuals_at_kept_positions(assets, tmp_path):
+    result = run_cache(_cfg(assets, tmp_path, "neox", "mamba"), progress=False)
+    tstore = Store.read(result.tokens_store)
+    assert tstore.complete and tstore.rows == 1500  # exactly the requested kept tokens
+    tokens = torch.cat([tstore.read_chunk(i)["tokens"] for i in sorted(tstore.chunks)]).long()
+    mask = torch.cat([tstore.read_chunk(i)["mask"] for i in sorted(tstore.chunks)])
+    assert int(mask.sum()) == 1500
+    assert not mask[:, 0].any() and (tokens[:, 0] == 0).all()  # BOS first, never kept
+    for summary, name in zip(result.models, ["neox", "mamba"]):
+        lm = models.load(str(assets[name]), device="cpu")
+        expected = lm.resid(tokens, list(range(lm.n_layers)))
+        assert summary.rows == 1500 and summary.d_model == 32
+        for layer in range(lm.n_layers):
+            store = Store.read(Path(summary.store) / f"resid_post.{layer}")
+            assert store.complete and store.config["tokens_store"] == result.tokens_key
+            acts = torch.cat([store.read_chunk(i)["acts"] for i in sorted(store.chunks)])
+            torch.testing.assert_close(acts, expected[layer][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_second_run_is_a_cache_hit_without_a_forward_pass(assets, tmp_path, monkeypatch):
+    cfg = _cfg(assets, tmp_path, "mamba")
+    first = run_cache(cfg, progress=False)
+    before = _store_files(cfg.cache_dir)
+
+    def no_model(*a, **k):
+        raise AssertionError("a cache hit must not load the model")
+
+    monkeypatch.setattr(cache_stage.models, "load_source", no_model)
+    assert run_cache(cfg, progress=False) == first
+    assert _store_files(cfg.cache_dir) == before
+
+
+def test_layers_can_be_added_later(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path, "mamba", layers="1")
+    run_cache(cfg, progress=False)
+    cfg.layers = "all"
+    summary = run_cache(cfg, progress=False).models[0]
+    assert summary.layers == "0-2"
+    assert all(Store.read(Path(summary.store) / f"resid_post.{i}").complete for i in range(3))
+
+
+def test_corrupt_chunk_is_named_and_recomputed(assets, tmp_path, caplog):
+    cfg = _cfg(assets, tmp_path, "neox")
+    summary = run_cache(cfg, progress=False).models[0]
+    before = _store_files(cfg.cache_dir)
+    victim = Path(summary.store) / "resid_post.1" / "chunk-000002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-10])  # truncated
+    run_cache(cfg, progress=False)
+    assert "chunk-000002.safetensors is corrupt" in caplog.text
+    assert _store_files(cfg.cache_dir) == before
+
+
+def test_token_store_resumes_after_its_last_complete_chunk(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path, "neox")
+    tok = models.load_tokenizer(models.resolve(cfg.models[0]))
+    _, full = build_token_store(cfg, tok, progress=False)
+    reference, manifest = _store_files(cfg.cache_dir), _manifests(cfg.cache_dir)
+    # What a kill after chunk 2 leaves: a manifest with chunks 0-2 and a half-written temporary.
+    full.manifest["chunks"] = [c for c in full.manifest["chunks"] if c["index"] < 3]
+    full.set_complete(False)
+    for p in full.path.glob("chunk-*"):
+        if int(p.stem.split("-")[1]) >= 3:
+            p.unlink()
+    (full.path / "chunk-000003.safetensors.tmp").write_bytes(b"partial")
+    build_token_store(cfg, tok, progress=False)
+    assert _store_files(cfg.cache_dir) == reference
+    assert _manifests(cfg.cache_dir) == manifest
+    assert not list(full.path.glob("*.tmp"))
+
+
+def test_models_with_different_tokenizers_cannot_share_a_token_store(assets, tmp_path):
+    with pytest.raises(UnivError, match="tiny-neox.*tiny-neox-othertok.*different tokenizers"):
+        run_cache(_cfg(assets, tmp_path, "neox", "neox_other"), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def _cache_cmd(model: Path, corpus: Path, cache_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "univ.py"), "cache", "-m", str(model), "--dataset", str(corpus),
+            "--tokens", "1500", "--ctx-len", "16", "--chunk-tokens", "16", "--batch-size", "1",
+            "--cache-dir", str(cache_dir), "--format", "json"]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_store(assets, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(make_corpus(300, seed=3)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(_cache_cmd(assets["mamba"], corpus, killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        manifests = list(killed.glob("acts/*/*/resid_post.2/manifest.json"))
+        try:
+            if manifests and len(json.loads(manifests[0].read_text())["chunks"]) >= 5:
+                break
+        except (json.JSONDecodeError, FileNotFoundError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = json.loads(manifests[0].read_text())
+    assert not partial["complete"], "the run finished before it could be killed"
+
+    resumed = subprocess.run(_cache_cmd(assets["mamba"], corpus, killed), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    run_cache(CacheConfig(models=[str(assets["mamba"])], dataset=str(corpus), tokens=1500, ctx_len=16,
+                          chunk_tokens=16, batch_size=1, cache_dir=clean), progress=False)
+    assert _store_files(killed) == _store_files(clean)
+    assert _manifests(killed) == _manifests(clean)
+    assert json.loads(resumed.stdout)["cache"][0]["rows"] == 1500

@@ -1,0 +1,106 @@
+"""The command line as a user meets it: tables on stdout, one clear line on stderr for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from univ.cli import main
+from univ.store import FORMAT_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def cache_args(assets, tmp_path, *extra, model="mamba"):
+    return ["cache", "-m", assets[model], "--dataset", assets["corpus"], "--tokens", "400", "--ctx-len", "24",
+            "--chunk-tokens", "96", "--cache-dir", tmp_path / "cache", *extra]
+
+
+def assert_one_line_error(code, out, err, fragment):
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("univ: error:"), err
+    assert fragment in lines[0], lines[0]
+
+
+def test_launcher_help():
+    result = subprocess.run([sys.executable, str(ROOT / "univ.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("cache", "fit-sae", "match", "induction", "offbyone", "all"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["fit-sae", "match", "induction", "offbyone", "all"])
+def test_later_stages_say_not_implemented(capsys, command):
+    assert_one_line_error(*run(capsys, command, "--model", "x"), "not implemented yet")
+
+
+@pytest.mark.parametrize("fmt", ["github", "plain", "csv", "tsv", "latex", "json"])
+def test_cache_table_in_every_format_and_hit_prints_the_same(assets, tmp_path, capsys, fmt):
+    code, out, _ = run(capsys, *cache_args(assets, tmp_path, "--format", fmt))
+    assert code == 0 and "400" in out
+    assert run(capsys, *cache_args(assets, tmp_path, "--format", fmt))[1] == out
+    if fmt == "json":
+        row = json.loads(out)["cache"][0]
+        assert (row["rows"], row["d_model"], row["layers"]) == (400, 32, "0-2")
+    if fmt == "csv":
+        assert out.splitlines()[0] == "model,layers,rows,d_model,store,seconds,tokens_per_s"
+
+
+def test_bad_inputs_get_one_clear_line(assets, tmp_path, capsys):
+    a = cache_args(assets, tmp_path)
+    cases = [
+        (["cache", "-m", "no-such-model-xyz", "--dataset", assets["corpus"]], "could not be fetched"),
+        (["cache", "-m", tmp_path / "missing", "--dataset", assets["corpus"]], "does not exist"),
+        ([*a[:4], tmp_path / "none.txt", *a[5:]], "does not exist"),
+        ([*a, "--tokens", "0"], "must be positive"),
+        ([*a, "--tokens", "-5"], "must be positive"),
+        ([*a, "--tokens", "lots"], "--tokens must be a number"),
+        ([*a, "--layers", "3"], "layer 3 is out of range"),
+        ([*a, "--layers", "0-1"] + ["--ctx-len", "65", "-m", assets["neox"]], "beyond"),
+        ([*a, "--format", "yaml"], "yaml"),
+        ([*a, "--dtype", "int8"], "unknown dtype"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(*run(capsys, *args), fragment)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    assert_one_line_error(*run(capsys, *a[:4], empty, *a[5:]), "has no text")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line_error(*run(capsys, *a[:-1], blocker / "cache"), "not writable")
+
+
+def test_a_newer_cache_format_is_refused_and_kept(assets, tmp_path, capsys):
+    assert run(capsys, *cache_args(assets, tmp_path))[0] == 0
+    manifest = next((tmp_path / "cache" / "acts").rglob("manifest.json"))
+    data = json.loads(manifest.read_text())
+    data["format_version"] = FORMAT_VERSION + 1
+    manifest.write_text(json.dumps(data))
+    assert_one_line_error(*run(capsys, *cache_args(assets, tmp_path)), "upgrade univ")
+    assert json.loads(manifest.read_text()) == data
+
+
+def test_corrupt_chunk_warning_goes_to_stderr(assets, tmp_path, capsys):
+    run(capsys, *cache_args(assets, tmp_path))
+    chunk = next((tmp_path / "cache" / "acts").rglob("chunk-000001.safetensors"))
+    chunk.write_bytes(b"garbage")
+    code, out, err = run(capsys, *cache_args(assets, tmp_path))
+    assert code == 0 and "400" in out
+    assert f"{chunk} is corrupt" in err
+
+
+def test_unreachable_hub_dataset_is_one_line_and_leaves_no_store(assets, tmp_path, capsys):
+    a = cache_args(assets, tmp_path)
+    assert_one_line_error(*run(capsys, *a[:4], "someone/no-such-dataset", *a[5:]), "cannot read dataset")
+    assert not list((tmp_path / "cache").glob("tokens/*"))

@@ -1,0 +1,287 @@
+"""The `cache` stage: one token store per corpus and tokenizer, and each model's residual
+streams over it, one activation store per layer, resumable chunk by chunk."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import models
+from .data import DataConfig, is_local, iter_contexts, iter_texts
+from .errors import UnivError
+from .options import parse_layers
+from .store import Lock, Store, acts_dir, config_key, ensure_writable, resid_hook, slug, tokens_dir
+
+log = logging.getLogger("univ")
+
+
+@dataclass
+class CacheConfig:
+    """Options of `univ cache`."""
+
+    models: list[str]
+    """Model aliases, Hub ids or local directories; they must share one tokenizer."""
+    dataset: str
+    """Hugging Face dataset name, or a local .txt / .jsonl / .parquet file or folder."""
+    tokens: int = 1_000_000
+    """Kept tokens (rows per activation store); BOS, EOS and PAD positions do not count."""
+    ctx_len: int = 1024
+    """Tokens per context, BOS included."""
+    layers: str = "all"
+    """Blocks whose output is cached: 'all' or a list such as '0,3,5-7'."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    dtype: str = "auto"
+    """Forward and storage dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    seed: int = 42
+    """Seed of the document order."""
+    split: str = "train"
+    """Dataset split (Hugging Face datasets)."""
+    dataset_revision: str | None = None
+    """Dataset revision on the Hub (e.g. 'refs/convert/parquet')."""
+    text_field: str = "text"
+    """Field holding the text (.jsonl, .parquet, Hugging Face datasets)."""
+    chunk_tokens: int = 65_536
+    """Context tokens per chunk file; the unit of resumption."""
+    cache_dir: Path = field(default_factory=lambda: Path("univ-cache"))
+    """Root of the cache."""
+    force: bool = False
+    """Recompute the activation stores even when complete."""
+
+
+class ModelCacheSummary(NamedTuple):
+    model: str
+    layers: str
+    rows: int
+    d_model: int
+    store: str
+    seconds: float
+    tokens_per_s: float
+
+
+class CacheResult(NamedTuple):
+    tokens_store: Path
+    tokens_key: str
+    models: list[ModelCacheSummary]
+
+
+def model_key(src: models.ModelSource, dtype: torch.dtype) -> str:
+    """Folder name of a model's activations: readable prefix plus a hash of what fixes its values."""
+    key_config = {"model": "local" if src.is_local else src.ref, "revision": src.revision,
+                  "layout": src.layout, "dtype": str(dtype).removeprefix("torch.")}
+    return f"{slug(src.short_name)}-{config_key(key_config)}"
+
+
+def _data_identity(dataset: str) -> dict:
+    """Local corpora are keyed by their files' paths, sizes and times; Hub datasets by name."""
+    if not is_local(dataset):
+        return {"hub": dataset}
+    root = Path(dataset).expanduser().resolve()
+    if not root.exists():
+        raise UnivError(f"dataset path {dataset!r} does not exist")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {"local": str(root), "files": [[str(f.relative_to(root.parent)), f.stat().st_size, f.stat().st_mtime_ns]
+                                          for f in files]}
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts = []
+    for _, run in itertools.groupby(enumerate(layers), lambda p: p[1] - p[0]):
+        run = [layer for _, layer in run]
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(parts)
+
+
+def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True) -> tuple[str, Store]:
+    """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store)."""
+    data = DataConfig(cfg.dataset, cfg.split, cfg.dataset_revision, cfg.text_field, cfg.ctx_len, cfg.seed)
+    bos = models.bos_id(tokenizer)
+    drop = sorted({bos, *models.special_ids(tokenizer)})
+    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, bos) if i is not None)
+    per_chunk = max(1, cfg.chunk_tokens // cfg.ctx_len)
+    config = {
+        "data": {**vars(data), "dataset": _data_identity(cfg.dataset)},
+        "tokens": cfg.tokens,
+        "contexts_per_chunk": per_chunk,
+        "tokenizer": models.tokenizer_fingerprint(tokenizer),
+        "bos": bos,
+        "pad": int(pad),
+        "dropped_ids": drop,
+    }
+    key = f"{slug(Path(cfg.dataset).stem if is_local(cfg.dataset) else cfg.dataset)}-{config_key(config)}"
+    path = tokens_dir(cfg.cache_dir, key)
+    with Lock(path):
+        store = Store.open_or_create(path, "tokens", config)
+        try:
+            _fill_token_store(cfg, store, data, tokenizer, bos, int(pad), drop, per_chunk, progress)
+        except BaseException:
+            if not store.manifest["chunks"]:  # leave no empty store behind
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+    return key, store
+
+
+def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenizer, bos: int, pad: int,
+                      drop: list[int], per_chunk: int, progress: bool) -> None:
+    """Tokenize into the store, resuming after its longest intact prefix of chunks."""
+    good = set(store.verify())
+    if store.complete:
+        return
+    store.clean_temporaries()
+    # Resume after the longest intact prefix: chunk i+1 starts where chunk i's documents end.
+    start = 0
+    while start in good:
+        start += 1
+    store.manifest["chunks"] = [c for c in store.manifest["chunks"] if c["index"] < start]
+    done = store.chunks
+    skip_docs = done[start - 1]["docs_end"] if start else 0
+    kept = store.rows
+    bar = tqdm(total=cfg.tokens, initial=kept, desc="tokenize", unit="tok", unit_scale=True,
+               disable=None if progress else True, leave=False)
+    texts = itertools.islice(iter_texts(data), skip_docs, None)
+    buf: list = []
+    index, docs_end = start, skip_docs
+
+    def flush():
+        nonlocal index, kept, buf
+        rows = int(sum(c.mask.sum() for c in buf))
+        store.write_chunk(index, {"tokens": torch.from_numpy(np.stack([c.tokens for c in buf])),
+                                  "mask": torch.from_numpy(np.stack([c.mask for c in buf]))},
+                          rows=rows, contexts=len(buf), docs_end=docs_end)
+        kept += rows
+        bar.update(rows)
+        index, buf = index + 1, []
+
+    with bar:
+        for n_docs, ctx in iter_contexts(texts, tokenizer, cfg.ctx_len, bos, pad, drop):
+            docs_end = skip_docs + n_docs
+            if ctx is None:
+                continue
+            remaining = cfg.tokens - kept - int(sum(c.mask.sum() for c in buf))
+            positions = np.flatnonzero(ctx.mask)
+            if len(positions) >= remaining:  # cut the last context: the store holds exactly `tokens`
+                ctx.mask[positions[remaining:]] = False
+                buf.append(ctx)
+                break
+            buf.append(ctx)
+            if len(buf) == per_chunk:
+                flush()
+        if buf:
+            flush()
+    if kept == 0:
+        raise UnivError(f"dataset {cfg.dataset!r} has no text to tokenize")
+    if kept < cfg.tokens:
+        log.warning("dataset %s has only %d tokens (asked for %d); the store holds them all",
+                    cfg.dataset, kept, cfg.tokens)
+    store.set_complete(True)
+
+
+def _act_config(src: models.ModelSource, dtype: torch.dtype, tokens_key: str, layer: int) -> dict:
+    return {"model": {"ref": "local" if src.is_local else src.ref, "revision": src.revision,
+                      "layout": src.layout, "family": src.family},
+            "dtype": str(dtype).removeprefix("torch."), "tokens_store": tokens_key,
+            "hook": resid_hook(layer), "layer": layer, "d_model": src.d_model}
+
+
+def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tstore: Store,
+                progress: bool = True) -> ModelCacheSummary:
+    """Fill (or verify) one model's activation stores for the requested layers."""
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    layers = parse_layers(cfg.layers, src.n_layers)
+    mkey = model_key(src, dtype)
+    root = acts_dir(cfg.cache_dir, mkey, tokens_key, "")
+    with Lock(root):
+        stores = {}
+        for layer in layers:
+            s = Store.open_or_create(acts_dir(cfg.cache_dir, mkey, tokens_key, resid_hook(layer)), "acts",
+                                     _act_config(src, dtype, tokens_key, layer), force=cfg.force)
+            s.manifest["model_name"] = src.name
+            s.clean_temporaries()
+            stores[layer] = s
+        intact = {layer: set(s.verify()) for layer, s in stores.items()}
+        todo = {i: [layer for layer in layers if i not in intact[layer]] for i in sorted(tstore.chunks)}
+        todo = {i: missing for i, missing in todo.items() if missing}
+        if todo:
+            _forward_chunks(cfg, src, device, dtype, tstore, stores, todo, progress)
+        for s in stores.values():
+            if not s.complete:
+                s.set_complete(True)
+    seconds = max(s.manifest["seconds"] for s in stores.values())
+    rows = tstore.rows
+    return ModelCacheSummary(src.name, format_layers(layers), rows, src.d_model, str(root),
+                             round(seconds, 2), round(rows / seconds) if seconds else 0.0)
+
+
+def _forward_chunks(cfg, src, device, dtype, tstore: Store, stores: dict[int, Store],
+                    todo: dict[int, list[int]], progress: bool) -> None:
+    lm = models.load_source(src, device, dtype)
+    chunk_rows = tstore.chunks
+    bar = tqdm(total=sum(chunk_rows[i]["rows"] for i in todo), desc=f"cache {src.short_name}",
+               unit="tok", unit_scale=True, disable=None if progress else True)
+    with bar:
+        for index, layers in todo.items():
+            _forward_chunk(cfg, lm, tstore, index, layers, stores)
+            bar.update(chunk_rows[index]["rows"])
+
+
+def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores: dict[int, Store]) -> None:
+    """One token chunk through the model; one activation chunk per missing layer."""
+    chunk = tstore.read_chunk(index)
+    tokens, mask = chunk["tokens"], chunk["mask"]
+    start = time.perf_counter()
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for b in range(0, len(tokens), cfg.batch_size):
+        t, m = tokens[b:b + cfg.batch_size], mask[b:b + cfg.batch_size]
+        width = int(m.any(0).nonzero().max()) + 1  # causal models: later positions change nothing
+        resid = lm.resid(t[:, :width].long(), layers)
+        m = m[:, :width].to(resid.device)
+        for j, layer in enumerate(layers):
+            parts[layer].append(resid[j][m].cpu())
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    for layer in layers:
+        acts = torch.cat(parts[layer])
+        stores[layer].add_seconds(seconds)
+        stores[layer].write_chunk(index, {"acts": acts}, rows=len(acts))
+
+
+def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
+    """Tokenize once, then cache every model's residual streams over the same tokens."""
+    if cfg.tokens <= 0:
+        raise UnivError(f"--tokens must be positive, not {cfg.tokens}")
+    if cfg.ctx_len < 2:
+        raise UnivError(f"--ctx-len must be at least 2 (BOS and one token), not {cfg.ctx_len}")
+    if cfg.batch_size < 1:
+        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if not cfg.models:
+        raise UnivError("give at least one --model")
+    sources = [models.resolve(name) for name in cfg.models]
+    for src in sources:
+        parse_layers(cfg.layers, src.n_layers)
+        if src.max_ctx is not None and cfg.ctx_len > src.max_ctx:
+            raise UnivError(f"--ctx-len {cfg.ctx_len} is beyond {src.name}'s limit of {src.max_ctx} tokens")
+    tokenizers = [models.load_tokenizer(src) for src in sources]
+    prints = [models.tokenizer_fingerprint(t) for t in tokenizers]
+    for src, fp in zip(sources[1:], prints[1:]):
+        if fp != prints[0]:
+            raise UnivError(f"{sources[0].name} and {src.name} have different tokenizers, "
+                            "so their activations cannot be paired token for token")
+    models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device))
+    ensure_writable(cfg.cache_dir)
+    key, tstore = build_token_store(cfg, tokenizers[0], progress)
+    summaries = [cache_model(cfg, src, key, tstore, progress) for src in sources]
+    return CacheResult(tstore.path, key, summaries)
