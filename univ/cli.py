@@ -115,6 +115,52 @@ def cache(
     typer.echo(render({"cache": [r._asdict() for r in result.models]}, fmt))
 
 
+@app.command("fit-sae")
+@user_errors
+def fit_sae(
+    model: str = typer.Option(None, "--model", "-m", help="Train on this model's cached activations (cached first if missing)."),
+    acts: Path = typer.Option(None, "--acts", help="Or: an activation store folder (or a folder of them) in univ's format."),
+    layers: str = typer.Option("all", "--layers", help="'all' or e.g. '0,3,5-7'."),
+    arch: str = typer.Option("relu", "--arch", help="relu (ReLU + L1, the study's) or topk."),
+    expansion: float = typer.Option(32, "--expansion", help="d_sae = expansion x d_model."),
+    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
+    k: int = typer.Option(32, "--k", help="Active latents per token (topk)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 4e-4 relu, 2e-4/sqrt(d_sae/16384) topk)."),
+    train_tokens: str = typer.Option(None, "--train-tokens", help="Training tokens (default: the store's training rows once)."),
+    batch_size: int = typer.Option(4096, "--batch-size", help="Rows per optimiser step."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the SAE initialisation and batch order."),
+    normalisation: str = typer.Option(None, "--normalisation", help="token, dataset or none (default: token for relu, dataset for topk)."),
+    eval_tokens: str = typer.Option("64k", "--eval-tokens", help="Held-out rows at the end of the store (at most a tenth)."),
+    checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
+    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="With --model: the corpus of the activation store."),
+    tokens: str = typer.Option("1M", "--tokens", help="With --model: kept tokens of the activation store."),
+    ctx_len: int = typer.Option(1024, "--ctx-len", help="With --model: tokens per context."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    cache_dir: Path = CacheDirOpt,
+    force: bool = typer.Option(False, "--force", help="Retrain even when a finished SAE exists."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Train one sparse autoencoder per layer and print its held-out quality."""
+    from .cache import CacheConfig
+    from .fit import FitConfig, run_fit
+
+    cfg = FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, lr=lr,
+                    train_tokens=parse_count(train_tokens, "--train-tokens") if train_tokens else None,
+                    batch_size=batch_size, seed=seed, normalisation=normalisation,
+                    eval_tokens=parse_count(eval_tokens, "--eval-tokens"), checkpoint_minutes=checkpoint_minutes,
+                    device=device, force=force)
+    cache_cfg = None
+    if model is not None:
+        cache_cfg = CacheConfig(models=[model], dataset=dataset, tokens=parse_count(tokens, "--tokens"),
+                                ctx_len=ctx_len, dtype=dtype, device=device, cache_dir=cache_dir)
+    results = run_fit(cfg, layers, cache_dir, cache_cfg=cache_cfg, acts=acts)
+    rows = [r._asdict() for r in results]
+    if fmt is not Format.json:
+        rows = [{k: ("n/a" if v is None else v) for k, v in r.items() if k != "path"} for r in rows]
+    typer.echo(render({"fit-sae": rows}, fmt))
+
+
 def _not_implemented(name: str, summary: str):
     @user_errors
     def command(ctx: typer.Context, fmt: Format = FormatOpt) -> None:
@@ -124,7 +170,6 @@ def _not_implemented(name: str, summary: str):
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-_not_implemented("fit-sae", "Train one sparse autoencoder per layer")
 _not_implemented("match", "MPPC between two models' SAE features, depth map, baselines and skylines")
 _not_implemented("induction", "Path patching of the induction circuit")
 _not_implemented("offbyone", "The Off-by-One motif: where a token's information enters the state")

@@ -266,6 +266,24 @@ class LM:
                 h.remove()
         return torch.stack([out[layer].to(self.dtype) for layer in layers])
 
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, replace: dict | None = None) -> torch.Tensor:
+        """Logits [batch, pos, vocab]; ``replace`` maps a layer to a function applied to its
+        resid_post (the stream leaving that block) before the rest of the model sees it."""
+        handles = []
+        for layer, fn in (replace or {}).items():
+            def hook(_module, _inputs, output, fn=fn):
+                if isinstance(output, tuple):
+                    return (fn(output[0]), *output[1:])
+                return fn(output)
+
+            handles.append(self.blocks()[layer].register_forward_hook(hook))
+        try:
+            return self.model(input_ids=tokens.to(self.device), use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+
 
 class GPTNeoXLM(LM):
     family = "gpt_neox"
