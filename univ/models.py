@@ -304,6 +304,22 @@ class MambaLM(LM):
     def blocks(self):
         return self.model.backbone.layers
 
+    @torch.no_grad()
+    def resid(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        # With mamba-ssm's kernels transformers is fast; without them univ's own scan is.
+        if self.device.type == "cuda" and has_mamba_kernels():
+            return super().resid(tokens, layers)
+        from . import mamba
+
+        return torch.stack([h.to(self.dtype) for h in mamba.resid(self.model, tokens.to(self.device), layers)])
+
+
+def has_mamba_kernels() -> bool:
+    """mamba-ssm and causal-conv1d importable (the optional 'kernels' extra)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
+
 
 ADAPTERS = {"gpt_neox": GPTNeoXLM, "mamba": MambaLM}
 

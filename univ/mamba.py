@@ -1,0 +1,97 @@
+"""An explicit Mamba-1 forward on transformers' MambaForCausalLM weights.
+
+transformers' own Mamba is slow without mamba-ssm (a Python loop over positions on large
+temporaries) and its fused paths hide the conv output and the states. This module runs the
+same maths through univ's scan (Triton on CUDA, vectorised PyTorch on the CPU) and exposes,
+per layer, what the analyses need: the conv input and output, Δ, B, C, the gate, y and the
+states h_t at chosen positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scan import causal_conv_silu, selective_scan
+
+
+@dataclass
+class MixerTrace:
+    """What one mixer computed, [batch, pos, ...] each; filled when tracing is asked for."""
+
+    x: torch.Tensor | None = None
+    """Conv input (the first half of in_proj)."""
+    xc: torch.Tensor | None = None
+    """SiLU(conv output): the SSM input."""
+    gate: torch.Tensor | None = None
+    """z (the second half of in_proj); the output is y · SiLU(z)."""
+    dt: torch.Tensor | None = None
+    """dt_proj output before bias and softplus."""
+    B: torch.Tensor | None = None
+    C: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    """Gated SSM output, the input of out_proj."""
+    states: torch.Tensor | None = None
+    """h_t at the asked positions, [batch, positions, d_inner, d_state], float32."""
+    state_positions: list[int] = field(default_factory=list)
+
+
+def mixer_forward(mixer: nn.Module, u: torch.Tensor, trace: MixerTrace | None = None,
+                  state_positions: list[int] | None = None) -> torch.Tensor:
+    """transformers' MambaMixer.forward (no cache) on u [batch, pos, d_model]."""
+    E = mixer.intermediate_size
+    R, N = mixer.time_step_rank, mixer.ssm_state_size
+    xz = F.linear(u, mixer.in_proj.weight, mixer.in_proj.bias)
+    x, z = xz[..., :E], xz[..., E:]
+    conv_w = mixer.conv1d.weight.squeeze(1)
+    xc = causal_conv_silu(x, conv_w, mixer.conv1d.bias if mixer.use_conv_bias else None)
+    x_dbl = F.linear(xc, mixer.x_proj.weight)
+    dt_r, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
+    dt = F.linear(dt_r, mixer.dt_proj.weight)
+    A = -torch.exp(mixer.A_log.to(torch.promote_types(mixer.A_log.dtype, torch.float32)))
+    y, states = selective_scan(xc, dt, A, B, C, mixer.D, mixer.dt_proj.bias, z=z,
+                               state_positions=state_positions)
+    if trace is not None:
+        trace.x, trace.xc, trace.gate, trace.dt, trace.B, trace.C, trace.y = x, xc, z, dt, B, C, y
+        trace.states, trace.state_positions = states, list(state_positions or [])
+    return F.linear(y.to(u.dtype), mixer.out_proj.weight, mixer.out_proj.bias)
+
+
+def block_forward(block: nn.Module, hidden: torch.Tensor, trace: MixerTrace | None = None,
+                  state_positions: list[int] | None = None) -> torch.Tensor:
+    """transformers' MambaBlock.forward: residual + mixer(RMSNorm(residual))."""
+    residual = hidden
+    normed = block.norm(hidden.to(dtype=block.norm.weight.dtype))
+    if block.residual_in_fp32:
+        residual = residual.to(torch.float32)
+    return residual + mixer_forward(block.mixer, normed, trace, state_positions)
+
+
+@torch.no_grad()
+def resid(model: nn.Module, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """resid_post of the given layers, stopping after the deepest one."""
+    backbone = model.backbone
+    hidden = backbone.embeddings(tokens)
+    wanted, out = set(layers), {}
+    for i, block in enumerate(backbone.layers[: max(layers) + 1]):
+        hidden = block_forward(block, hidden)
+        if i in wanted:
+            out[i] = hidden
+    return [out[i] for i in layers]
+
+
+@torch.no_grad()
+def neurons(model: nn.Module, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """Per layer concat(SiLU(conv output), SiLU(gate)): [batch, pos, 2·d_inner], the study's Mamba 'neurons'."""
+    backbone = model.backbone
+    hidden = backbone.embeddings(tokens)
+    wanted, out = set(layers), {}
+    for i, block in enumerate(backbone.layers[: max(layers) + 1]):
+        trace = MixerTrace() if i in wanted else None
+        hidden = block_forward(block, hidden, trace)
+        if trace is not None:
+            out[i] = torch.cat([trace.xc, F.silu(trace.gate)], dim=-1)
+    return [out[i] for i in layers]

@@ -1,0 +1,184 @@
+"""Mamba-1's causal depthwise conv and selective scan, without compiled extensions.
+
+Layout everywhere: [batch, pos, channels] (channels contiguous), as the projections produce it.
+
+    xc  = SiLU(causal_conv(x))                          conv over positions, one filter per channel
+    Δ   = softplus(dt + dt_bias)
+    h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t x_t) B_t          h: [channels, d_state]
+    y_t = h_t C_t + D ⊙ x_t,   times SiLU(z_t) when a gate is given
+
+Two back ends with the same signature: Triton kernels on CUDA (sequential over positions in
+registers, parallel over batch × channels, state in registers), and a vectorised PyTorch
+version for the CPU (one fused op per position, exponentials computed in blocks). Both can also
+return h_t at chosen positions, which the circuit analyses need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs
+    HAVE_TRITON = False
+
+CPU_BLOCK = 64
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda
+
+
+# -- PyTorch reference paths ---------------------------------------------------------------------
+def causal_conv_silu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, E], weight [E, K] -> SiLU(conv) [B, T, E] in float32 accumulation."""
+    K = weight.shape[1]
+    T = x.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xp = F.pad(x.to(acc), (0, 0, K - 1, 0))
+    w = weight.to(acc)
+    out = xp[:, 0:T] * w[:, 0]
+    for k in range(1, K):
+        out = out.addcmul_(xp[:, k:k + T], w[:, k])
+    if bias is not None:
+        out = out + bias.to(acc)
+    return F.silu(out).to(x.dtype)
+
+
+def selective_scan_torch(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
+    """See the module docstring. x, dt, z [Bt, T, E]; B, C [Bt, T, N]; A [E, N]; D, dt_bias [E].
+    Returns y [Bt, T, E] (x's dtype) and, if state_positions is given, h at those positions
+    [Bt, P, E, N] (float32, or float64 for float64 inputs)."""
+    Bt, T, E = x.shape
+    N = A.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    delta = F.softplus(dt.to(acc) + dt_bias.to(acc))
+    dx = delta * x.to(acc)
+    A = A.to(acc)
+    h = torch.zeros(Bt, E, N, device=x.device, dtype=acc)
+    y = torch.empty(Bt, T, E, device=x.device, dtype=acc)
+    wanted = {int(p): i for i, p in enumerate(state_positions)} if state_positions is not None else {}
+    states = torch.empty(Bt, len(wanted), E, N, device=x.device, dtype=acc) if wanted else None
+    for t0 in range(0, T, CPU_BLOCK):
+        t1 = min(T, t0 + CPU_BLOCK)
+        dA = torch.exp(delta[:, t0:t1, :, None] * A)               # [Bt, L, E, N]
+        H = dx[:, t0:t1, :, None] * B[:, t0:t1, None, :].to(acc)   # B̄x, overwritten by h in place
+        H[:, 0].addcmul_(dA[:, 0], h)
+        for j in range(1, t1 - t0):
+            H[:, j].addcmul_(dA[:, j], H[:, j - 1])
+        h = H[:, -1]
+        y[:, t0:t1] = torch.einsum("blen,bln->ble", H, C[:, t0:t1].to(acc))
+        for t in range(t0, t1):
+            if t in wanted:
+                states[:, wanted[t]] = H[:, t - t0]
+    y = y + D.to(acc) * x.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), states
+
+
+# -- Triton kernels ------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, E, sxb, sxt, sob, sot,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        pid_b = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+        emask = e < E
+        acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e, mask=emask, other=0.0).to(tl.float32)[None, :]
+        for k in tl.static_range(K):
+            src = t - (K - 1) + k
+            m = ((src >= 0) & (src < T))[:, None] & emask[None, :]
+            xv = tl.load(x_ptr + pid_b * sxb + src[:, None] * sxt + e[None, :], mask=m, other=0.0)
+            w = tl.load(w_ptr + e * K + k, mask=emask, other=0.0)
+            acc += xv.to(tl.float32) * w.to(tl.float32)[None, :]
+        acc = acc * tl.sigmoid(acc)
+        om = (t < T)[:, None] & emask[None, :]
+        tl.store(out_ptr + pid_b * sob + t[:, None] * sot + e[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def _scan_kernel(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, h_ptr, slot_ptr,
+                     T, E, P, sxb, sxt, sdb, sdt, szb, szt, sBb, sBt, sCb, sCt, syb, syt,
+                     N: tl.constexpr, N_P2: tl.constexpr, HAS_Z: tl.constexpr, STORE_H: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
+        pid_b = tl.program_id(0)
+        e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        n = tl.arange(0, N_P2)
+        emask = e < E
+        nmask = n < N
+        en_mask = emask[:, None] & nmask[None, :]
+        A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_mask, other=0.0).to(tl.float32)
+        D = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
+        h = tl.zeros((BLOCK_E, N_P2), tl.float32)
+        for t in range(T):
+            x = tl.load(x_ptr + pid_b * sxb + t * sxt + e, mask=emask, other=0.0).to(tl.float32)
+            dt = tl.load(dt_ptr + pid_b * sdb + t * sdt + e, mask=emask, other=0.0).to(tl.float32) + bias
+            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, threshold as torch's
+            Bv = tl.load(B_ptr + pid_b * sBb + t * sBt + n, mask=nmask, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + pid_b * sCb + t * sCt + n, mask=nmask, other=0.0).to(tl.float32)
+            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
+            y = tl.sum(h * Cv[None, :], axis=1) + D * x
+            if HAS_Z:
+                zv = tl.load(z_ptr + pid_b * szb + t * szt + e, mask=emask, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + pid_b * syb + t * syt + e, y.to(y_ptr.dtype.element_ty), mask=emask)
+            if STORE_H:
+                slot = tl.load(slot_ptr + t)
+                if slot >= 0:
+                    tl.store(h_ptr + ((pid_b * P + slot) * E + e[:, None]) * N + n[None, :], h, mask=en_mask)
+
+
+def _last_dim_contiguous(*ts):
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(causal depthwise conv) of x [B, T, E] with weight [E, K]; output [B, T, E], x's dtype."""
+    if not use_triton(x):
+        return causal_conv_silu_torch(x, weight, bias)
+    (x,) = _last_dim_contiguous(x)
+    Bt, T, E = x.shape
+    K = weight.shape[1]
+    out = torch.empty(Bt, T, E, device=x.device, dtype=x.dtype)
+    w = weight.contiguous()
+    grid = (Bt, triton.cdiv(T, 32), triton.cdiv(E, 128))
+    _conv_silu_kernel[grid](x, w, bias if bias is not None else w, out, T, E, x.stride(0), x.stride(1),
+                            out.stride(0), out.stride(1), K=K, HAS_BIAS=bias is not None, BLOCK_T=32, BLOCK_E=128)
+    return out
+
+
+def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
+    """Dispatch to the Triton kernel on CUDA, else the PyTorch version (same results)."""
+    if not use_triton(x):
+        return selective_scan_torch(x, dt, A, B, C, D, dt_bias, z, state_positions)
+    x, dt, B, C = _last_dim_contiguous(x, dt, B, C)
+    Bt, T, E = x.shape
+    N = A.shape[1]
+    y = torch.empty(Bt, T, E, device=x.device, dtype=x.dtype)
+    P = 0 if state_positions is None else len(state_positions)
+    slots = torch.full((T,), -1, dtype=torch.int32, device=x.device)
+    if P:
+        slots[torch.as_tensor(list(state_positions), device=x.device, dtype=torch.long)] = torch.arange(
+            P, device=x.device, dtype=torch.int32)
+    states = torch.empty(Bt, max(P, 1), E, N, device=x.device, dtype=torch.float32)
+    if z is not None:
+        (z,) = _last_dim_contiguous(z)
+    zz = z if z is not None else x
+    block_e = 32
+    grid = (Bt, triton.cdiv(E, block_e))
+    _scan_kernel[grid](x, dt, zz, B, C, A.float().contiguous(), D.float().contiguous(), dt_bias.float().contiguous(),
+                       y, states, slots, T, E, max(P, 1),
+                       x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+                       B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
+                       N=N, N_P2=triton.next_power_of_2(N), HAS_Z=z is not None, STORE_H=P > 0,
+                       BLOCK_E=block_e, num_warps=4)
+    return y, (states if P else None)
