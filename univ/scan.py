@@ -26,7 +26,7 @@ try:
 except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
-CPU_BLOCK = 64
+CPU_BLOCK = 16
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -63,15 +63,20 @@ def selective_scan_torch(x, dt, A, B, C, D, dt_bias, z=None, state_positions=Non
     y = torch.empty(Bt, T, E, device=x.device, dtype=acc)
     wanted = {int(p): i for i, p in enumerate(state_positions)} if state_positions is not None else {}
     states = torch.empty(Bt, len(wanted), E, N, device=x.device, dtype=acc) if wanted else None
-    for t0 in range(0, T, CPU_BLOCK):
-        t1 = min(T, t0 + CPU_BLOCK)
-        dA = torch.exp(delta[:, t0:t1, :, None] * A)               # [Bt, L, E, N]
-        H = dx[:, t0:t1, :, None] * B[:, t0:t1, None, :].to(acc)   # B̄x, overwritten by h in place
+    # Buffers reused by every block: fresh allocations of this size cost page faults on the CPU.
+    L = min(CPU_BLOCK, T)
+    dA_buf = torch.empty(Bt, L, E, N, device=x.device, dtype=acc)
+    H_buf = torch.empty(Bt, L, E, N, device=x.device, dtype=acc)
+    for t0 in range(0, T, L):
+        t1 = min(T, t0 + L)
+        dA, H = dA_buf[:, : t1 - t0], H_buf[:, : t1 - t0]
+        torch.mul(delta[:, t0:t1, :, None], A, out=dA).exp_()           # Ā
+        torch.mul(dx[:, t0:t1, :, None], B[:, t0:t1, None, :], out=H)  # B̄x, then h in place
         H[:, 0].addcmul_(dA[:, 0], h)
         for j in range(1, t1 - t0):
             H[:, j].addcmul_(dA[:, j], H[:, j - 1])
-        h = H[:, -1]
-        y[:, t0:t1] = torch.einsum("blen,bln->ble", H, C[:, t0:t1].to(acc))
+        h = H[:, -1].clone()
+        y[:, t0:t1] = torch.mul(H, C[:, t0:t1, None, :], out=dA).sum(-1)
         for t in range(t0, t1):
             if t in wanted:
                 states[:, wanted[t]] = H[:, t - t0]

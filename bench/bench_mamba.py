@@ -1,0 +1,96 @@
+"""Tokens/s of the activation-cache forward: Pythia-160M vs Mamba-130M (random weights, real
+configs), through univ and through transformers' own Mamba fallback, in one run.
+
+    python bench/bench_mamba.py                    # GPU: batch 16 x 1024, bf16
+    python bench/bench_mamba.py --batch 1 --len 256 --reps 2    # the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from univ import mamba  # noqa: E402
+
+
+def pythia_160m():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=768, num_hidden_layers=12,
+                                            num_attention_heads=12, intermediate_size=3072,
+                                            max_position_embeddings=2048, rotary_pct=0.25))
+
+
+def mamba_130m():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16,
+                                        expand=2, conv_kernel=4, time_step_rank=48))
+
+
+def hooked_resid(model, blocks, tokens):
+    """Every block's output through forward hooks (how univ reads GPT-NeoX, and transformers' Mamba)."""
+    out = []
+    hooks = [b.register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o)) for b in blocks]
+    try:
+        model(input_ids=tokens, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def tokens_per_s(fn, tokens, reps, device):
+    fn(tokens)  # warm-up: kernels compiled, caches filled
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn(tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return reps * tokens.numel() / (time.perf_counter() - start)
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16 if cuda else 1)
+    ap.add_argument("--len", type=int, default=1024 if cuda else 256)
+    ap.add_argument("--reps", type=int, default=5 if cuda else 2)
+    ap.add_argument("--skip-hf-mamba", action="store_true", help="transformers' fallback is slow; skip it")
+    args = ap.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50000, (args.batch, args.len), device=device)
+    pythia = pythia_160m().to(device, dtype).eval()
+    mam = mamba_130m().to(device, dtype).eval()
+    layers_p, layers_m = list(range(12)), list(range(24))
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, dtype {dtype}, batch {args.batch} x {args.len}")
+    with torch.no_grad():
+        tps = {
+            "pythia-160m (univ: hooks)": tokens_per_s(lambda t: hooked_resid(pythia.gpt_neox, pythia.gpt_neox.layers, t),
+                                                       tokens, args.reps, device),
+            "mamba-130m (univ)": tokens_per_s(lambda t: mamba.resid(mam, t, layers_m), tokens, args.reps, device),
+        }
+        if not args.skip_hf_mamba:
+            tps["mamba-130m (transformers)"] = tokens_per_s(
+                lambda t: hooked_resid(mam.backbone, mam.backbone.layers, t), tokens, 1, device)
+    for k, v in tps.items():
+        print(f"{k:28} {v:12,.0f} tokens/s")
+    univ_m, univ_p = tps["mamba-130m (univ)"], tps["pythia-160m (univ: hooks)"]
+    print(f"ratio univ Mamba / univ Pythia:        {univ_m / univ_p:.3f}   (goal >= 0.5)")
+    if "mamba-130m (transformers)" in tps:
+        print(f"ratio univ Mamba / transformers Mamba: {univ_m / tps['mamba-130m (transformers)']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
