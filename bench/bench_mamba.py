@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from univ import mamba  # noqa: E402
+from univ import mamba, scan  # noqa: E402
 
 
 def pythia_160m():
@@ -58,6 +58,33 @@ def tokens_per_s(fn, tokens, reps, device):
     return reps * tokens.numel() / (time.perf_counter() - start)
 
 
+def sweep_scan(batch, length, device):
+    """Time the Triton scan alone over launch shapes; keep the fastest in scan.SCAN_CONFIG."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    E, N = 1536, 16
+    g = torch.Generator(device=device).manual_seed(0)
+    x, dt, z = (torch.randn(batch, length, E, device=device, generator=g).bfloat16() for _ in range(3))
+    B, C = (torch.randn(batch, length, N, device=device, generator=g).bfloat16() for _ in range(2))
+    A, D, bias = -torch.rand(E, N, device=device) - 0.1, torch.randn(E, device=device), torch.randn(E, device=device)
+    best = None
+    for chunk, block_e, warps, stages in itertools.product((32, 64, 128), (32, 64), (1, 2), (1, 2)):
+        scan.SCAN_CONFIG.update(chunk=chunk, block_e=block_e, num_warps=warps, stages=stages)
+        try:
+            ms = do_bench(lambda: scan.selective_scan(x, dt, A, B, C, D, bias, z=z), warmup=5, rep=20,
+                          return_mode="median")
+        except Exception as e:  # a shape the compiler rejects
+            print(f"scan {dict(scan.SCAN_CONFIG)}: failed ({type(e).__name__})")
+            continue
+        print(f"scan {dict(scan.SCAN_CONFIG)}: {ms:.3f} ms per layer")
+        if best is None or ms < best[0]:
+            best = (ms, dict(scan.SCAN_CONFIG))
+    scan.SCAN_CONFIG.update(best[1])
+    print(f"fastest: {best[1]} at {best[0]:.3f} ms per layer")
+
+
 def main():
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,8 +92,11 @@ def main():
     ap.add_argument("--len", type=int, default=1024 if cuda else 256)
     ap.add_argument("--reps", type=int, default=5 if cuda else 2)
     ap.add_argument("--skip-hf-mamba", action="store_true", help="transformers' fallback is slow; skip it")
+    ap.add_argument("--sweep", action="store_true", help="first time the Triton scan's launch shapes (GPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
+    if args.sweep and cuda:
+        sweep_scan(args.batch, args.len, device)
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     tokens = torch.randint(0, 50000, (args.batch, args.len), device=device)

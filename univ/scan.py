@@ -27,6 +27,8 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 CPU_BLOCK = 16
+# Triton scan launch shape: positions per chunk, channels per program, warps, pipelining depth.
+SCAN_CONFIG = {"chunk": 64, "block_e": 64, "num_warps": 1, "stages": 2}
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -110,12 +112,19 @@ if HAVE_TRITON:
         tl.store(out_ptr + pid_b * sob + t[:, None] * sot + e[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
 
     @triton.jit
-    def _scan_kernel(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, h_ptr, slot_ptr,
-                     T, E, P, sxb, sxt, sdb, sdt, szb, szt, sBb, sBt, sCb, sCt, syb, syt,
-                     N: tl.constexpr, N_P2: tl.constexpr, HAS_Z: tl.constexpr, STORE_H: tl.constexpr,
-                     BLOCK_E: tl.constexpr):
+    def _scan_chunk_kernel(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
+                           hs_ptr, he_ptr, dec_ptr, h_ptr, slot_ptr,
+                           T, E, P, n_chunks, sxb, sxt, sdb, sdt, szb, szt, sBb, sBt, sCb, sCt, syb, syt,
+                           N: tl.constexpr, N_P2: tl.constexpr, HAS_Z: tl.constexpr, STORE_H: tl.constexpr,
+                           OUTPUT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr):
+        """One chunk of positions for BLOCK_E channels of one sequence.
+
+        OUTPUT=False: scan from h = 0 and write the chunk's end state and its total decay
+        Π exp(Δ_t A). OUTPUT=True: scan from the chunk's true start state and write y (and h at
+        the asked positions)."""
         pid_b = tl.program_id(0)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        c = tl.program_id(2)
         n = tl.arange(0, N_P2)
         emask = e < E
         nmask = n < N
@@ -123,23 +132,54 @@ if HAVE_TRITON:
         A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_mask, other=0.0).to(tl.float32)
         D = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
-        h = tl.zeros((BLOCK_E, N_P2), tl.float32)
-        for t in range(T):
-            x = tl.load(x_ptr + pid_b * sxb + t * sxt + e, mask=emask, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + pid_b * sdb + t * sdt + e, mask=emask, other=0.0).to(tl.float32) + bias
+        state_off = ((pid_b * n_chunks + c) * E + e[:, None]) * N + n[None, :]
+        if OUTPUT:
+            h = tl.load(hs_ptr + state_off, mask=en_mask, other=0.0)
+        else:
+            h = tl.zeros((BLOCK_E, N_P2), tl.float32)
+            log_decay = tl.zeros((BLOCK_E, N_P2), tl.float32)
+        t0 = c * CHUNK
+        for i in tl.range(0, CHUNK, num_stages=STAGES):
+            t = t0 + i
+            valid = t < T
+            m = emask & valid
+            x = tl.load(x_ptr + pid_b * sxb + t * sxt + e, mask=m, other=0.0).to(tl.float32)
+            dt = tl.load(dt_ptr + pid_b * sdb + t * sdt + e, mask=m, other=0.0).to(tl.float32) + bias
             dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, threshold as torch's
-            Bv = tl.load(B_ptr + pid_b * sBb + t * sBt + n, mask=nmask, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + pid_b * sCb + t * sCt + n, mask=nmask, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
-            y = tl.sum(h * Cv[None, :], axis=1) + D * x
-            if HAS_Z:
-                zv = tl.load(z_ptr + pid_b * szb + t * szt + e, mask=emask, other=0.0).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
-            tl.store(y_ptr + pid_b * syb + t * syt + e, y.to(y_ptr.dtype.element_ty), mask=emask)
-            if STORE_H:
-                slot = tl.load(slot_ptr + t)
-                if slot >= 0:
-                    tl.store(h_ptr + ((pid_b * P + slot) * E + e[:, None]) * N + n[None, :], h, mask=en_mask)
+            dt = tl.where(valid, dt, 0.0)  # past the end: no decay, no input
+            Bv = tl.load(B_ptr + pid_b * sBb + t * sBt + n, mask=nmask & valid, other=0.0).to(tl.float32)
+            dA = dt[:, None] * A
+            h = tl.exp(dA) * h + (dt * x)[:, None] * Bv[None, :]
+            if OUTPUT:
+                Cv = tl.load(C_ptr + pid_b * sCb + t * sCt + n, mask=nmask & valid, other=0.0).to(tl.float32)
+                y = tl.sum(h * Cv[None, :], axis=1) + D * x
+                if HAS_Z:
+                    zv = tl.load(z_ptr + pid_b * szb + t * szt + e, mask=m, other=0.0).to(tl.float32)
+                    y = y * zv * tl.sigmoid(zv)
+                tl.store(y_ptr + pid_b * syb + t * syt + e, y.to(y_ptr.dtype.element_ty), mask=m)
+                if STORE_H:
+                    slot = tl.load(slot_ptr + t, mask=valid, other=-1)
+                    if slot >= 0:
+                        tl.store(h_ptr + ((pid_b * P + slot) * E + e[:, None]) * N + n[None, :], h, mask=en_mask)
+            else:
+                log_decay += dA
+        if not OUTPUT:
+            tl.store(he_ptr + state_off, h, mask=en_mask)
+            tl.store(dec_ptr + state_off, tl.exp(log_decay), mask=en_mask)
+
+    @triton.jit
+    def _chunk_states_kernel(he_ptr, dec_ptr, hs_ptr, E, n_chunks, N: tl.constexpr, N_P2: tl.constexpr,
+                             BLOCK_E: tl.constexpr):
+        """Start state of every chunk: h_start[c] = decay[c−1] ⊙ h_start[c−1] + h_end_local[c−1]."""
+        pid_b = tl.program_id(0)
+        e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        n = tl.arange(0, N_P2)
+        mask = (e < E)[:, None] & (n < N)[None, :]
+        h = tl.zeros((BLOCK_E, N_P2), tl.float32)
+        for c in range(n_chunks):
+            off = ((pid_b * n_chunks + c) * E + e[:, None]) * N + n[None, :]
+            tl.store(hs_ptr + off, h, mask=mask)
+            h = tl.load(dec_ptr + off, mask=mask, other=0.0) * h + tl.load(he_ptr + off, mask=mask, other=0.0)
 
 
 def _last_dim_contiguous(*ts):
@@ -162,12 +202,21 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
-    """Dispatch to the Triton kernel on CUDA, else the PyTorch version (same results)."""
+    """Dispatch to the Triton kernels on CUDA, else the PyTorch version (same results).
+
+    On CUDA the positions are cut into chunks scanned in parallel from a zero state; a short
+    sequential pass over the chunks then gives each chunk its true start state, and a second
+    parallel pass writes y. Twice the arithmetic, but T / CHUNK times the parallelism of a
+    plain sequential scan, whose speed is bound by one memory latency per position."""
     if not use_triton(x):
         return selective_scan_torch(x, dt, A, B, C, D, dt_bias, z, state_positions)
     x, dt, B, C = _last_dim_contiguous(x, dt, B, C)
+    if z is not None:
+        (z,) = _last_dim_contiguous(z)
     Bt, T, E = x.shape
     N = A.shape[1]
+    cfg = SCAN_CONFIG
+    n_chunks = triton.cdiv(T, cfg["chunk"])
     y = torch.empty(Bt, T, E, device=x.device, dtype=x.dtype)
     P = 0 if state_positions is None else len(state_positions)
     slots = torch.full((T,), -1, dtype=torch.int32, device=x.device)
@@ -175,15 +224,21 @@ def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
         slots[torch.as_tensor(list(state_positions), device=x.device, dtype=torch.long)] = torch.arange(
             P, device=x.device, dtype=torch.int32)
     states = torch.empty(Bt, max(P, 1), E, N, device=x.device, dtype=torch.float32)
-    if z is not None:
-        (z,) = _last_dim_contiguous(z)
+    h_end, decay, h_start = (torch.empty(Bt, n_chunks, E, N, device=x.device, dtype=torch.float32) for _ in range(3))
     zz = z if z is not None else x
-    block_e = 32
-    grid = (Bt, triton.cdiv(E, block_e))
-    _scan_kernel[grid](x, dt, zz, B, C, A.float().contiguous(), D.float().contiguous(), dt_bias.float().contiguous(),
-                       y, states, slots, T, E, max(P, 1),
-                       x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
-                       B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
-                       N=N, N_P2=triton.next_power_of_2(N), HAS_Z=z is not None, STORE_H=P > 0,
-                       BLOCK_E=block_e, num_warps=4)
+    A32, D32, b32 = A.float().contiguous(), D.float().contiguous(), dt_bias.float().contiguous()
+    n_p2 = triton.next_power_of_2(N)
+    args = (x, dt, zz, B, C, A32, D32, b32, y, h_start, h_end, decay, states, slots, T, E, max(P, 1), n_chunks,
+            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+            B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1))
+    consts = dict(N=N, N_P2=n_p2, HAS_Z=z is not None, STORE_H=P > 0, CHUNK=cfg["chunk"],
+                  BLOCK_E=cfg["block_e"], STAGES=cfg["stages"], num_warps=cfg["num_warps"])
+    grid = (Bt, triton.cdiv(E, cfg["block_e"]), n_chunks)
+    if n_chunks > 1:
+        _scan_chunk_kernel[grid](*args, OUTPUT=False, **consts)
+        _chunk_states_kernel[(Bt, triton.cdiv(E, 32))](h_end, decay, h_start, E, n_chunks, N=N, N_P2=n_p2,
+                                                        BLOCK_E=32, num_warps=1)
+    else:
+        h_start.zero_()
+    _scan_chunk_kernel[grid](*args, OUTPUT=True, **consts)
     return y, (states if P else None)
