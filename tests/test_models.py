@@ -83,3 +83,20 @@ def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UnivError, match="not supported"):
         models.resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("family, width", [("neox", 64), ("mamba", 128)])
+def test_neurons_are_mlp_post_activations_or_conv_and_gate(assets, family, width):
+    lm = models.load(str(assets[family]), device="cpu")
+    tokens = _tokens(assets)
+    neurons = lm.activations("neurons", tokens, [0, 1])
+    assert neurons.shape == (2, *tokens.shape, width)
+    if family == "mamba":
+        block = lm.blocks()[1]
+        x = block.norm(lm.resid(tokens, [0])[0])
+        gate = (x @ block.mixer.in_proj.weight.T)[..., 64:]
+        torch.testing.assert_close(neurons[1][..., 64:], torch.nn.functional.silu(gate), rtol=1e-5, atol=1e-5)
+    else:
+        mlp = lm.blocks()[0].mlp
+        h = lm.blocks()[0].post_attention_layernorm(lm.body().embed_in(tokens))  # parallel residual: MLP reads the input
+        torch.testing.assert_close(neurons[0], mlp.act(mlp.dense_h_to_4h(h)), rtol=1e-5, atol=1e-5)

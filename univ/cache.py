@@ -19,7 +19,7 @@ from . import models
 from .data import DataConfig, is_local, iter_contexts, iter_texts
 from .errors import UnivError
 from .options import parse_layers
-from .store import Lock, Store, acts_dir, config_key, ensure_writable, resid_hook, slug, tokens_dir
+from .store import HOOKS, Lock, Store, acts_dir, config_key, ensure_writable, resid_hook, slug, tokens_dir
 
 log = logging.getLogger("univ")
 
@@ -58,6 +58,8 @@ class CacheConfig:
     """Root of the cache."""
     force: bool = False
     """Recompute the activation stores even when complete."""
+    hook: str = "resid_post"
+    """What to cache: 'resid_post' (residual stream after each block) or 'neurons'."""
 
 
 class ModelCacheSummary(NamedTuple):
@@ -188,11 +190,11 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     store.set_complete(True)
 
 
-def _act_config(src: models.ModelSource, dtype: torch.dtype, tokens_key: str, layer: int) -> dict:
+def _act_config(src: models.ModelSource, dtype: torch.dtype, tokens_key: str, layer: int, hook: str) -> dict:
     return {"model": {"ref": "local" if src.is_local else src.ref, "revision": src.revision,
                       "layout": src.layout, "family": src.family},
             "dtype": str(dtype).removeprefix("torch."), "tokens_store": tokens_key,
-            "hook": resid_hook(layer), "layer": layer, "d_model": src.d_model}
+            "hook": resid_hook(layer, hook), "layer": layer, "d_model": src.d_model}
 
 
 def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tstore: Store,
@@ -206,8 +208,8 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
     with Lock(root):
         stores = {}
         for layer in layers:
-            s = Store.open_or_create(acts_dir(cfg.cache_dir, mkey, tokens_key, resid_hook(layer)), "acts",
-                                     _act_config(src, dtype, tokens_key, layer), force=cfg.force)
+            s = Store.open_or_create(acts_dir(cfg.cache_dir, mkey, tokens_key, resid_hook(layer, cfg.hook)), "acts",
+                                     _act_config(src, dtype, tokens_key, layer, cfg.hook), force=cfg.force)
             s.manifest["model_name"] = src.name
             s.clean_temporaries()
             stores[layer] = s
@@ -246,7 +248,7 @@ def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores
     for b in range(0, len(tokens), cfg.batch_size):
         t, m = tokens[b:b + cfg.batch_size], mask[b:b + cfg.batch_size]
         width = int(m.any(0).nonzero().max()) + 1  # causal models: later positions change nothing
-        resid = lm.resid(t[:, :width].long(), layers)
+        resid = lm.activations(cfg.hook, t[:, :width].long(), layers)
         m = m[:, :width].to(resid.device)
         for j, layer in enumerate(layers):
             parts[layer].append(resid[j][m].cpu())
@@ -269,6 +271,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
         raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     if not cfg.models:
         raise UnivError("give at least one --model")
+    if cfg.hook not in HOOKS:
+        raise UnivError(f"unknown hook {cfg.hook!r} (use {' or '.join(HOOKS)})")
     sources = [models.resolve(name) for name in cfg.models]
     for src in sources:
         parse_layers(cfg.layers, src.n_layers)

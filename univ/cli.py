@@ -161,6 +161,70 @@ def fit_sae(
     typer.echo(render({"fit-sae": rows}, fmt))
 
 
+def _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, seed, device):
+    from .fit import FitConfig
+
+    return FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, batch_size=sae_batch_size, seed=seed, device=device,
+                     train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None)
+
+
+@app.command()
+@user_errors
+def match(
+    model_a: str = typer.Option(None, "--model-a", help="Model A (alias, Hub id or folder)."),
+    model_b: str = typer.Option(None, "--model-b", help="Model B."),
+    model_c: str = typer.Option(None, "--model-c", help="For --skyline model-seed: A's architecture, another seed."),
+    acts_a: Path = typer.Option(None, "--acts-a", help="Or: A's activation stores by path."),
+    acts_b: Path = typer.Option(None, "--acts-b", help="Or: B's activation stores by path."),
+    saes_a: Path = typer.Option(None, "--saes-a", help="With --acts-a: folder of A's SAEs (else raw activations)."),
+    saes_b: Path = typer.Option(None, "--saes-b", help="With --acts-b: folder of B's SAEs."),
+    layers_a: str = typer.Option("all", "--layers-a", help="A's layers: 'all' or e.g. '0,3,5-7'."),
+    layers_b: str = typer.Option("all", "--layers-b", help="B's layers."),
+    baseline: list[str] = typer.Option([], "--baseline", help="random-init (repeatable)."),
+    skyline: list[str] = typer.Option([], "--skyline", help="sae-seed, model-seed (repeatable)."),
+    neurons: bool = typer.Option(False, "--neurons", help="Also match neurons (MLP / conv+gate activations)."),
+    neuron_tokens: str = typer.Option("100k", "--neuron-tokens", help="Window of the neuron comparisons."),
+    tokens: str = typer.Option("1M", "--tokens", help="Window: tokens cached and correlated."),
+    dead_as_zero: bool = typer.Option(False, "--dead-as-zero", help="Count never-firing features as 0 (the authors' clamp) instead of leaving them out."),
+    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus of the shared token store."),
+    ctx_len: int = typer.Option(1024, "--ctx-len", help="Tokens per context."),
+    arch: str = typer.Option("relu", "--arch", help="SAE architecture for SAEs fitted on the way."),
+    expansion: float = typer.Option(32, "--expansion", help="SAE width / d_model."),
+    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
+    k: int = typer.Option(32, "--k", help="Active latents (topk)."),
+    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="SAE training tokens (default: the window once)."),
+    sae_batch_size: int = typer.Option(4096, "--sae-batch-size", help="SAE batch size."),
+    seed: int = typer.Option(42, "--seed", help="SAE seed (the sae-seed skyline uses seed + 1)."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    cache_dir: Path = CacheDirOpt,
+    fmt: Format = FormatOpt,
+) -> None:
+    """MPPC between two models' SAE features, both ways, the depth map, baselines and skylines."""
+    from .cache import CacheConfig
+    from .match import MatchConfig
+    from .match_stage import MatchRequest, run_match
+
+    window = parse_count(tokens, "--tokens")
+    req = MatchRequest(
+        model_a=model_a, model_b=model_b, model_c=model_c, acts_a=acts_a, acts_b=acts_b, saes_a=saes_a, saes_b=saes_b,
+        layers_a=layers_a, layers_b=layers_b, baselines=baseline, skylines=skyline, neurons=neurons,
+        neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
+        data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype, device=device),
+        fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, seed, device),
+        match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, device=device), cache_dir=cache_dir)
+    results = run_match(req)
+    main_result = results[0]
+    tables = {
+        "summary": [row for c in results for row in c.summary(dead_as_zero)],
+        "per-layer": main_result.per_layer(),
+        "depth map (mean best correlation of A-layer features within each B layer)": main_result.depth_table(),
+    }
+    if fmt is Format.json:
+        tables["results"] = [{"comparison": c.name, "path": c.path} for c in results]
+    typer.echo(render(tables, fmt))
+
+
 def _not_implemented(name: str, summary: str):
     @user_errors
     def command(ctx: typer.Context, fmt: Format = FormatOpt) -> None:
@@ -170,7 +234,6 @@ def _not_implemented(name: str, summary: str):
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-_not_implemented("match", "MPPC between two models' SAE features, depth map, baselines and skylines")
 _not_implemented("induction", "Path patching of the induction circuit")
 _not_implemented("offbyone", "The Off-by-One motif: where a token's information enters the state")
 _not_implemented("all", "The whole study: cache, fit-sae, match, induction, offbyone, report")

@@ -51,6 +51,8 @@ class ModelSource:
     """'gpt_neox' or 'mamba'."""
     config: dict
     """The checkpoint's config.json."""
+    random_init: bool = False
+    """Ignore the weights: the same architecture freshly initialised (seed RANDOM_SEED)."""
 
     @property
     def n_layers(self) -> int:
@@ -80,7 +82,8 @@ class ModelSource:
 
     @property
     def short_name(self) -> str:
-        return Path(self.ref).name if self.is_local else self.ref.split("/")[-1]
+        name = Path(self.ref).name if self.is_local else self.ref.split("/")[-1]
+        return f"random-{name}" if self.random_init else name
 
 
 def _hub_errors():
@@ -125,8 +128,19 @@ def _layout_and_family(config: dict, where: str) -> tuple[str, str]:
     )
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 1234
+
+
 def resolve(name: str, revision: str | None = None) -> ModelSource:
-    """Turn an alias, Hub id or local directory into a ModelSource (reads config.json only)."""
+    """Turn an alias, Hub id or local directory into a ModelSource (reads config.json only).
+
+    ``random:NAME`` is NAME's architecture with freshly initialised weights (seed 0): the
+    random-init baseline of `univ match`."""
+    if name.startswith(RANDOM_PREFIX):
+        base = resolve(name[len(RANDOM_PREFIX):], revision)
+        return ModelSource(name, base.ref, base.path, f"random-seed{RANDOM_SEED}-{base.revision}", base.layout,
+                           base.family, base.config, random_init=True)
     ref = ALIASES.get(name, name)
     local = Path(ref).expanduser()
     if local.exists() or ref.startswith((".", "/", "~")):
@@ -266,6 +280,18 @@ class LM:
                 h.remove()
         return torch.stack([out[layer].to(self.dtype) for layer in layers])
 
+    def neurons(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """The study's 'neurons' of the given layers: [len(layers), batch, pos, width]."""
+        raise NotImplementedError
+
+    def activations(self, hook: str, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """resid_post or neurons, by hook kind."""
+        if hook == "resid_post":
+            return self.resid(tokens, layers)
+        if hook == "neurons":
+            return self.neurons(tokens, layers)
+        raise UnivError(f"unknown hook {hook!r} (use resid_post or neurons)")
+
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, replace: dict | None = None) -> torch.Tensor:
         """Logits [batch, pos, vocab]; ``replace`` maps a layer to a function applied to its
@@ -294,6 +320,19 @@ class GPTNeoXLM(LM):
     def blocks(self):
         return self.model.gpt_neox.layers
 
+    @torch.no_grad()
+    def neurons(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """MLP post-activations (the output of the activation function), 4·d_model per layer."""
+        out: dict[int, torch.Tensor] = {}
+        handles = [self.blocks()[layer].mlp.act.register_forward_hook(
+            lambda m, a, o, layer=layer: out.__setitem__(layer, o)) for layer in layers]
+        try:
+            self.body()(input_ids=tokens.to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack([out[layer] for layer in layers])
+
 
 class MambaLM(LM):
     family = "mamba"
@@ -312,6 +351,13 @@ class MambaLM(LM):
         from . import mamba
 
         return torch.stack([h.to(self.dtype) for h in mamba.resid(self.model, tokens.to(self.device), layers)])
+
+    @torch.no_grad()
+    def neurons(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """concat(SiLU(conv output), SiLU(gate)): 2·d_inner per layer."""
+        from . import mamba
+
+        return torch.stack(mamba.neurons(self.model, tokens.to(self.device), layers))
 
 
 def has_mamba_kernels() -> bool:
@@ -375,6 +421,17 @@ def _load_mamba_ssm(src: ModelSource, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
+def _random_init(src: ModelSource, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = (mamba_ssm_to_hf_config(src.config) if src.layout == "mamba_ssm"
+              else AutoConfig.from_pretrained(src.path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
+
+
 def cfg_is_pure_mamba(cfg: dict) -> bool:
     return not cfg.get("attn_layer_idx") and int(cfg.get("d_intermediate", 0) or 0) == 0
 
@@ -393,7 +450,9 @@ def load_source(src: ModelSource, device: torch.device, dtype: torch.dtype) -> L
 
     hf_logging.disable_progress_bar()  # univ's own bars are the ones that matter on stderr
 
-    if src.layout == "mamba_ssm":
+    if src.random_init:
+        model = _random_init(src, dtype)
+    elif src.layout == "mamba_ssm":
         model = _load_mamba_ssm(src, dtype)
     else:
         try:

@@ -223,6 +223,9 @@ def acts_dir(cache_dir: Path, model_key: str, tokens_key: str, hook: str) -> Pat
     return cache_dir / "acts" / model_key / tokens_key / hook
 
 
-def resid_hook(layer: int) -> str:
-    """Name of the residual-stream hook after block ``layer`` (0-based)."""
-    return f"resid_post.{layer}"
+HOOKS = ("resid_post", "neurons")
+
+
+def resid_hook(layer: int, kind: str = "resid_post") -> str:
+    """Store name of a hook: 'resid_post.l' (the stream after block l, 0-based) or 'neurons.l'."""
+    return f"{kind}.{layer}"

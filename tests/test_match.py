@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_neox
+from univ.correlate import correlation, cross_moment, encode_window, pair_max
+from univ.errors import UnivError
+from univ.match import MatchConfig, Side, compare
+from univ.store import Store
+
+from test_cli import assert_one_line_error, run
+
+
+def _encode(x: torch.Tensor, sparse: bool):
+    return encode_window(iter(x.split(37)), x.shape[1], sparse, "cpu")
+
+
+def _corr(a, b, sparse=True):
+    ea, eb = _encode(a, sparse), _encode(b, sparse)
+    return correlation(ea, eb, cross_moment(ea, eb)).numpy()
+
+
+def test_correlations_equal_numpy_corrcoef_on_sparse_data():
+    g = torch.Generator().manual_seed(0)
+    a = torch.relu(torch.randn(500, 7, generator=g) - 1.2) * 3
+    b = torch.relu(torch.randn(500, 5, generator=g) - 1.0)
+    b[:, 0] += a[:, 2]  # a real correlation
+    expected = np.corrcoef(a.double().numpy().T, b.double().numpy().T)[:7, 7:]
+    for sparse in (True, False):
+        np.testing.assert_allclose(_corr(a, b, sparse), expected, atol=1e-6)
+
+
+def test_correlations_stay_exact_with_a_large_mean_and_small_variance():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4000, 3, generator=g)
+    a = 3000.0 + base * 0.5
+    b = 3000.0 + (base[:, :2] + 0.3 * torch.randn(4000, 2, generator=g)) * 0.5
+    expected = np.corrcoef(a.double().numpy().T, b.double().numpy().T)[:3, 3:]
+    np.testing.assert_allclose(_corr(a, b, sparse=False), expected, atol=1e-6)
+    # The float32 one-pass formula is far off here: the test is not a formality.
+    n = len(a)
+    cov32 = (a.T @ b) / n - a.mean(0)[:, None] * b.mean(0)[None, :]
+    one_pass = cov32 / (a.std(0, unbiased=False)[:, None] * b.std(0, unbiased=False)[None, :])
+    assert np.abs(one_pass.numpy() - expected).max() > 1e-2
+
+
+def test_dead_features_score_zero_and_are_flagged():
+    a = torch.zeros(50, 3)
+    a[:, 0] = torch.arange(50.0)
+    b = torch.arange(50.0)[:, None].repeat(1, 2)
+    ea, eb = _encode(a, True), _encode(b, True)
+    pm = pair_max(ea, eb)
+    assert ea.fires.tolist() == [True, False, False]
+    assert pm.a_value[0] == pytest.approx(1.0) and pm.a_value[1] == 0 and pm.a_value[2] == 0
+
+
+def _synthetic_pair(tmp_path, n=6000, d=48, shared=12, private=6, seed=0, tokens_key="tok"):
+    """Two 'models' that embed the same sparse latents through different random linear maps,
+    plus latents of their own; their 'SAEs' are the exact sparse codes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def latents(k):
+        return torch.relu(torch.randn(n, k, generator=g) - 1.5) * (1 + torch.rand(k, generator=g))
+
+    z_shared = latents(shared)
+    sides = []
+    for name in ("a", "b"):
+        z = torch.cat([z_shared, latents(private)], 1)
+        M = torch.randn(shared + private, d, generator=g)
+        x = z @ M
+        store = Store.open_or_create(tmp_path / name, "acts", {"layer": 0, "tokens_store": tokens_key})
+        for c, s in enumerate(range(0, n, 2048)):
+            store.write_chunk(c, {"acts": x[s:s + 2048]}, rows=len(x[s:s + 2048]))
+        store.set_complete(True)
+        decoder = torch.linalg.pinv(M)
+        sides.append(Side(name, {0: store}, {0: lambda x, p=decoder: torch.relu(x @ p)}, {"seed": seed, "name": name}))
+    return sides
+
+
+def test_shared_features_match_and_private_ones_do_not(tmp_path):
+    a, b = _synthetic_pair(tmp_path)
+    c = compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+    assert c.a_fires.all() and c.b_fires.all()
+    assert (c.a_value[0, :12] > 0.99).all() and (c.b_value[0, :12] > 0.99).all()  # shared, both ways
+    assert (c.a_value[0, 12:] < 0.5).all() and (c.b_value[0, 12:] < 0.5).all()   # private
+    assert (c.a_index[0, :12] == torch.arange(12)).all()
+    summary = c.summary(dead_as_zero=False)
+    assert summary[0]["alive"] == 18 and summary[0][">=0.9"] == pytest.approx(12 / 18, abs=1e-4)
+    assert json.loads((tmp_path / "out").rglob("summary.json").__next__().read_text())["summary"] == summary
+    # A random-init-style control: unrelated latents everywhere.
+    _, other = _synthetic_pair(tmp_path / "ctrl", seed=5)
+    ctrl = compare("control", a, other, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+    assert ctrl.a_value.max() < 0.5
+
+
+def test_refuses_stores_from_different_token_stores(tmp_path):
+    a, _ = _synthetic_pair(tmp_path / "1", tokens_key="one")
+    _, b = _synthetic_pair(tmp_path / "2", tokens_key="two")
+    with pytest.raises(UnivError, match="different token stores"):
+        compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+
+
+def test_match_cli_runs_every_reference_point_on_tiny_models(assets, tmp_path, capsys):
+    build_neox(tmp_path / "neox-seed2", assets["tokenizer"], seed=2)
+    args = ["match", "--model-a", assets["neox"], "--model-b", assets["mamba"], "--model-c", tmp_path / "neox-seed2",
+            "--baseline", "random-init", "--skyline", "sae-seed", "--skyline", "model-seed", "--neurons",
+            "--dataset", assets["corpus"], "--tokens", "3000", "--neuron-tokens", "1500", "--ctx-len", "24",
+            "--arch", "topk", "--k", "4", "--expansion", "2", "--sae-batch-size", "128",
+            "--cache-dir", tmp_path / "cache", "--format", "json"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    tables = json.loads(out)
+    names = [r["comparison"] for r in tables["summary"]]
+    assert names == [n for n in ("main", "random-init", "sae-seed", "model-seed", "neurons", "neurons random-init")
+                     for _ in range(2)]
+    for row in tables["summary"]:
+        assert 0 < row["alive"] <= row["features"] and -1 <= row["median"] <= 1
+    by_name = {r["comparison"]: r for r in tables["summary"]}
+    assert by_name["random-init"]["mean"] != by_name["main"]["mean"]  # a different model, not a copy
+    neurons = [r for r in tables["summary"] if r["comparison"] == "neurons"][0]
+    assert neurons["features"] == 2 * 64  # GPT-NeoX MLP post-activations: intermediate_size 64, two layers
+    depth = tables["depth map (mean best correlation of A-layer features within each B layer)"]
+    assert len(depth) == 2 and len(depth[0]) == 1 + 3
+    assert run(capsys, *args)[1] == out  # a rerun is a cache hit with the same tables
+
+
+def test_match_bad_inputs(assets, tmp_path, capsys):
+    base = ["match", "--cache-dir", tmp_path / "c"]
+    cases = [
+        (base, "give --model-a and --model-b"),
+        ([*base, "--model-a", assets["neox"]], "give both"),
+        ([*base, "--model-a", assets["neox"], "--model-b", assets["mamba"], "--baseline", "shuffled"], "unknown baseline"),
+        ([*base, "--model-a", assets["neox"], "--model-b", assets["mamba"], "--skyline", "model-seed"], "--model-c"),
+        ([*base, "--model-a", assets["neox"], "--model-b", assets["neox_other"], "--dataset", assets["corpus"],
+          "--tokens", "1000", "--ctx-len", "24"], "different tokenizers"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(*run(capsys, *args), fragment)

@@ -1,0 +1,140 @@
+"""Pearson statistics between two sets of features over the same tokens, and their maxima.
+
+Statistics are raw moments accumulated in float64: n, Σf, Σf², Σg, Σg² and Σ f gᵀ. The inputs
+are float32 (or bf16) values, whose pairwise products are exact in float64, so the only
+rounding is float64 summation; the cancellation of the one-pass formula then matters only when
+mean² / variance approaches 1e8 or so, far beyond anything SAE features or neurons show (a
+float32 one-pass formula breaks near 1e3, which the tests check).
+
+Σ f gᵀ is accumulated sparsely for SAE features (each token adds the outer product of its
+few active features: O(L0_a · L0_b) per token instead of O(F_a · F_b)), densely for neurons.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+CLAMP = 1e-12  # the authors' floor on the variance product: a dead feature scores 0
+
+
+class Encoded(NamedTuple):
+    """One layer's features over the window: sparse (rows, cols, vals) or dense [n, F]."""
+
+    n: int
+    width: int
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    vals: torch.Tensor | None
+    dense: torch.Tensor | None
+    sum: torch.Tensor
+    sum_sq: torch.Tensor
+    fires: torch.Tensor
+    """Bool [F]: the feature is non-zero on at least one token."""
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.dense is None
+
+
+def encode_window(batches, width: int, sparse: bool, device) -> Encoded:
+    """Collect features from an iterator of [rows, F] tensors (already on the device)."""
+    rows, cols, vals, dense = [], [], [], []
+    s = torch.zeros(width, dtype=torch.float64, device=device)
+    s2 = torch.zeros(width, dtype=torch.float64, device=device)
+    n = 0
+    for f in batches:
+        f64 = f.double()
+        s += f64.sum(0)
+        s2 += f64.pow(2).sum(0)
+        if sparse:
+            r, c = f.nonzero(as_tuple=True)
+            rows.append((r + n).int())
+            cols.append(c.int())
+            vals.append(f[r, c].float())
+        else:
+            dense.append(f)
+        n += len(f)
+    fires = s2 > 0
+    if sparse:
+        return Encoded(n, width, torch.cat(rows), torch.cat(cols), torch.cat(vals), None, s, s2, fires)
+    return Encoded(n, width, None, None, None, torch.cat(dense), s, s2, fires)
+
+
+def cross_moment(a: Encoded, b: Encoded, block_rows: int = 8192) -> torch.Tensor:
+    """Σ_t f_t g_tᵀ, float64 [F_a, F_b]."""
+    out = torch.zeros(a.width, b.width, dtype=torch.float64, device=a.sum.device)
+    if not (a.is_sparse and b.is_sparse):
+        fa, fb = _dense(a), _dense(b)
+        for s in range(0, a.n, block_rows):
+            out.addmm_(fa[s:s + block_rows].double().T, fb[s:s + block_rows].double())
+        return out
+    flat = out.view(-1)
+    # Entries are in row order (nonzero() is row-major), so a token's entries are contiguous.
+    counts_b = torch.bincount(b.rows.long(), minlength=b.n)
+    starts_b = torch.cumsum(counts_b, 0) - counts_b
+    bounds_a = torch.searchsorted(a.rows, torch.arange(0, a.n + block_rows, block_rows, device=a.rows.device,
+                                                        dtype=a.rows.dtype))
+    for lo, hi in zip(bounds_a[:-1].tolist(), bounds_a[1:].tolist()):
+        if lo == hi:
+            continue
+        ra, ca, va = a.rows[lo:hi].long(), a.cols[lo:hi].long(), a.vals[lo:hi]
+        per = counts_b[ra]  # B entries paired with each A entry
+        total = int(per.sum())
+        if total == 0:
+            continue
+        rep = torch.repeat_interleave(torch.arange(len(ra), device=ra.device), per, output_size=total)
+        offset = torch.arange(total, device=ra.device) - (torch.cumsum(per, 0) - per)[rep]
+        bi = starts_b[ra[rep]] + offset
+        flat.index_add_(0, ca[rep] * b.width + b.cols[bi].long(), (va[rep].double() * b.vals[bi].double()))
+    return out
+
+
+def _dense(e: Encoded) -> torch.Tensor:
+    if e.dense is not None:
+        return e.dense
+    d = torch.zeros(e.n, e.width, device=e.sum.device, dtype=e.vals.dtype)
+    d[e.rows.long(), e.cols.long()] = e.vals
+    return d
+
+
+class PairMax(NamedTuple):
+    """Best correlations between one layer of A and one layer of B."""
+
+    a_value: torch.Tensor
+    """[F_a] max over B's features of corr(f_i, g_j)."""
+    a_index: torch.Tensor
+    """[F_a] the j reaching it."""
+    b_value: torch.Tensor
+    b_index: torch.Tensor
+
+
+def correlation(a: Encoded, b: Encoded, cross: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """Pearson correlations (float64) of A's features (optionally a slice of them) with all of B's."""
+    rows = rows or slice(0, a.width)
+    n = a.n
+    mean_a, mean_b = a.sum[rows] / n, b.sum / n
+    var_a = (a.sum_sq[rows] / n - mean_a ** 2).clamp_min(0)
+    var_b = (b.sum_sq / n - mean_b ** 2).clamp_min(0)
+    cov = cross[rows] / n - mean_a[:, None] * mean_b[None, :]
+    return cov / torch.sqrt((var_a[:, None] * var_b[None, :]).clamp_min(CLAMP))
+
+
+def pair_max(a: Encoded, b: Encoded, block: int = 4096) -> PairMax:
+    """Max correlation both ways between two layers, without holding the whole matrix twice."""
+    if a.n != b.n:
+        raise ValueError(f"feature windows differ: {a.n} vs {b.n} tokens")
+    cross = cross_moment(a, b)
+    a_val = torch.empty(a.width, dtype=torch.float64, device=cross.device)
+    a_idx = torch.empty(a.width, dtype=torch.long, device=cross.device)
+    b_val = torch.full((b.width,), -2.0, dtype=torch.float64, device=cross.device)
+    b_idx = torch.zeros(b.width, dtype=torch.long, device=cross.device)
+    for s in range(0, a.width, block):
+        corr = correlation(a, b, cross, slice(s, s + block))
+        a_val[s:s + block], a_idx[s:s + block] = corr.max(1)
+        v, i = corr.max(0)
+        better = v > b_val
+        b_val = torch.where(better, v, b_val)
+        b_idx = torch.where(better, i + s, b_idx)
+    return PairMax(a_val, a_idx, b_val, b_idx)

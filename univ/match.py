@@ -1,0 +1,225 @@
+"""The `match` stage: MPPC between two models' features, both ways, the depth map, and the
+reference points (random-init baseline, SAE-seed and model-seed skylines, neurons).
+
+MPPC of feature i of A: the largest Pearson correlation, over the shared token window, between
+f_i and any feature g_j of B in any of B's layers (and the reverse). Features that never fire
+in the window are counted and, by default, left out of the summaries; with ``dead_as_zero``
+they count as 0, which is what the authors' variance clamp gives them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import models
+from .correlate import Encoded, encode_window, pair_max
+from .errors import UnivError
+from .store import Store, config_key, slug
+
+THRESHOLDS = (0.5, 0.7, 0.9)
+
+
+@dataclass
+class MatchConfig:
+    """Options of the matching itself."""
+
+    tokens: int = 1_000_000
+    """Window: the first this-many rows of the stores (all rows if fewer)."""
+    dead_as_zero: bool = False
+    """Count never-firing features as MPPC 0 in the summaries (default: leave them out)."""
+    batch_rows: int = 8192
+    """Rows encoded at a time."""
+    device: str = "auto"
+    """auto, cpu, cuda."""
+
+
+@dataclass
+class Side:
+    """One model's features: per layer, an activation store and an encoder (None: the
+    activations are the features, as for neurons)."""
+
+    label: str
+    stores: dict[int, Store]
+    encoders: dict[int, Callable[[torch.Tensor], torch.Tensor] | None]
+    ident: dict
+    """What fixes the features (stores' and SAEs' identities), for the result's key."""
+
+
+class Comparison(NamedTuple):
+    name: str
+    a: str
+    b: str
+    layers_a: list[int]
+    layers_b: list[int]
+    tokens: int
+    a_value: torch.Tensor
+    """[La, Fa] best correlation of each A feature over all of B's features."""
+    a_layer: torch.Tensor
+    """[La, Fa] position (in layers_b) of the B layer holding the best match."""
+    a_index: torch.Tensor
+    a_fires: torch.Tensor
+    b_value: torch.Tensor
+    b_layer: torch.Tensor
+    b_index: torch.Tensor
+    b_fires: torch.Tensor
+    depth: torch.Tensor
+    """[La, Lb] mean over A-layer-l live features of their best correlation within B-layer m."""
+    path: str
+
+    def summary(self, dead_as_zero: bool) -> list[dict]:
+        rows = []
+        for direction, value, fires in ((f"{self.a} -> {self.b}", self.a_value, self.a_fires),
+                                        (f"{self.b} -> {self.a}", self.b_value, self.b_fires)):
+            v = value.flatten().double()
+            f = fires.flatten()
+            v = torch.where(f, v, 0.0) if dead_as_zero else v[f]
+            row = {"comparison": self.name, "direction": direction, "features": int(f.numel()),
+                   "alive": int(f.sum()), "mean": _r(v.mean()), "median": _r(v.median())}
+            for t in THRESHOLDS:
+                row[f">={t}"] = _r((v >= t).double().mean())
+            rows.append(row)
+        return rows
+
+    def per_layer(self) -> list[dict]:
+        rows = []
+        for side, layers, value, fires, other, best in (
+                (self.a, self.layers_a, self.a_value, self.a_fires, self.layers_b, self.a_layer),
+                (self.b, self.layers_b, self.b_value, self.b_fires, self.layers_a, self.b_layer)):
+            for i, layer in enumerate(layers):
+                alive = fires[i]
+                counts = torch.bincount(best[i][alive], minlength=len(other))
+                rows.append({"comparison": self.name, "model": side, "layer": layer, "alive": int(alive.sum()),
+                             "mean_mppc": _r(value[i][alive].double().mean()) if alive.any() else None,
+                             "most_matches_in_layer": other[int(counts.argmax())] if alive.any() else None})
+        return rows
+
+    def depth_table(self) -> list[dict]:
+        return [{f"{self.a} layer": la, **{f"{self.b} {lb}": _r(self.depth[i, j]) for j, lb in enumerate(self.layers_b)}}
+                for i, la in enumerate(self.layers_a)]
+
+
+def _r(x) -> float:
+    x = float(x)
+    return round(x, 4) if x == x else float("nan")
+
+
+def _token_store_of(side: Side) -> tuple[str | None, list[int]]:
+    first = side.stores[min(side.stores)]
+    return first.config.get("tokens_store"), [c["rows"] for c in first.manifest["chunks"]]
+
+
+def check_paired(a: Side, b: Side) -> None:
+    """Refuse stores that were not built from the same token store."""
+    (ka, rows_a), (kb, rows_b) = _token_store_of(a), _token_store_of(b)
+    for side, key in ((a, ka), (b, kb)):
+        if key is None:
+            raise UnivError(f"{side.label}'s activation stores do not record their token store "
+                            "(config.tokens_store); univ cannot tell that their rows are the same tokens")
+        if any(s.config.get("tokens_store") != key for s in side.stores.values()):
+            raise UnivError(f"{side.label}'s layers come from different token stores")
+    if ka != kb or rows_a != rows_b:
+        raise UnivError(f"{a.label} and {b.label} were cached from different token stores ({ka} vs {kb}); "
+                        "cache both from the same corpus and tokenizer")
+
+
+def _encode(side: Side, layer: int, n: int, cfg: MatchConfig, device) -> Encoded:
+    store, encoder = side.stores[layer], side.encoders[layer]
+
+    def batches():
+        done = 0
+        for index in sorted(store.chunks):
+            if done >= n:
+                return
+            acts = store.read_chunk(index)["acts"][: n - done]
+            for s in range(0, len(acts), cfg.batch_rows):
+                x = acts[s:s + cfg.batch_rows].to(device)
+                with torch.no_grad():
+                    yield (encoder(x.float()) if encoder is not None else x).detach()
+            done += len(acts)
+
+    first = store.read_chunk(min(store.chunks))["acts"][:1].to(device)
+    width = (encoder(first.float()) if encoder is not None else first).shape[-1]
+    return encode_window(batches(), width, sparse=encoder is not None, device=device)
+
+
+def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progress: bool = True) -> Comparison:
+    """MPPC both ways between every layer of A and every layer of B (or the cached result)."""
+    check_paired(a, b)
+    rows = sum(c["rows"] for c in a.stores[min(a.stores)].manifest["chunks"])
+    n = min(cfg.tokens, rows)
+    key = config_key({"a": a.ident, "b": b.ident, "tokens": n})
+    out = out_root / f"{slug(a.label)}__{slug(b.label)}" / f"{slug(name)}-{key}"
+    if (out / "summary.json").is_file() and (out / "mppc.safetensors").is_file():
+        return _load(out)
+    device = models.resolve_device(cfg.device)
+    la, lb = sorted(a.stores), sorted(b.stores)
+    bar = tqdm(total=len(la) + len(lb) + len(la) * len(lb), desc=f"match {name}", unit="step",
+               disable=None if progress else True)
+    with bar:
+        enc_a = {}
+        for layer in la:
+            enc_a[layer] = _encode(a, layer, n, cfg, device)
+            bar.update()
+        enc_b = {}
+        for layer in lb:
+            enc_b[layer] = _encode(b, layer, n, cfg, device)
+            bar.update()
+        fa, fb = enc_a[la[0]].width, enc_b[lb[0]].width
+        a_val = torch.full((len(la), fa), -2.0, dtype=torch.float64, device=device)
+        a_lay = torch.zeros(len(la), fa, dtype=torch.long, device=device)
+        a_idx = torch.zeros_like(a_lay)
+        b_val = torch.full((len(lb), fb), -2.0, dtype=torch.float64, device=device)
+        b_lay = torch.zeros(len(lb), fb, dtype=torch.long, device=device)
+        b_idx = torch.zeros_like(b_lay)
+        depth = torch.zeros(len(la), len(lb), dtype=torch.float64, device=device)
+        for i, l_a in enumerate(la):
+            alive = enc_a[l_a].fires
+            for j, l_b in enumerate(lb):
+                pm = pair_max(enc_a[l_a], enc_b[l_b])
+                depth[i, j] = pm.a_value[alive].mean() if alive.any() else float("nan")
+                better = pm.a_value > a_val[i]
+                a_val[i] = torch.where(better, pm.a_value, a_val[i])
+                a_lay[i] = torch.where(better, j, a_lay[i])
+                a_idx[i] = torch.where(better, pm.a_index, a_idx[i])
+                better = pm.b_value > b_val[j]
+                b_val[j] = torch.where(better, pm.b_value, b_val[j])
+                b_lay[j] = torch.where(better, i, b_lay[j])
+                b_idx[j] = torch.where(better, pm.b_index, b_idx[j])
+                bar.update()
+    result = Comparison(name, a.label, b.label, la, lb, n,
+                        a_val.float().cpu(), a_lay.cpu(), a_idx.cpu(),
+                        torch.stack([enc_a[l].fires for l in la]).cpu(),
+                        b_val.float().cpu(), b_lay.cpu(), b_idx.cpu(),
+                        torch.stack([enc_b[l].fires for l in lb]).cpu(),
+                        depth.float().cpu(), str(out))
+    _save(result, out, {"a": a.ident, "b": b.ident})
+    return result
+
+
+_TENSORS = ("a_value", "a_layer", "a_index", "a_fires", "b_value", "b_layer", "b_index", "b_fires", "depth")
+
+
+def _save(c: Comparison, out: Path, ident: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: getattr(c, k).contiguous() for k in _TENSORS}, out / "mppc.safetensors.tmp")
+    (out / "mppc.safetensors.tmp").replace(out / "mppc.safetensors")
+    meta = {"name": c.name, "a": c.a, "b": c.b, "layers_a": c.layers_a, "layers_b": c.layers_b,
+            "tokens": c.tokens, "inputs": ident,
+            "summary": c.summary(False), "summary_dead_as_zero": c.summary(True)}
+    (out / "summary.json.tmp").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    (out / "summary.json.tmp").replace(out / "summary.json")
+
+
+def _load(out: Path) -> Comparison:
+    meta = json.loads((out / "summary.json").read_text())
+    t = load_file(out / "mppc.safetensors")
+    return Comparison(meta["name"], meta["a"], meta["b"], meta["layers_a"], meta["layers_b"], meta["tokens"],
+                      *(t[k] for k in _TENSORS[:-1]), t["depth"], str(out))

@@ -1,0 +1,151 @@
+"""What `univ match` runs: builds each side's features (caching activations and fitting SAEs
+where they are missing) and the comparisons the options ask for."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import models
+from .cache import CacheConfig, run_cache
+from .errors import UnivError
+from .fit import FitConfig, run_fit, select_layers, stores_at
+from .match import Comparison, MatchConfig, Side, compare
+from .options import parse_layers
+from .sae import SAE
+from .store import Store, resid_hook
+
+BASELINES = ("random-init",)
+SKYLINES = ("sae-seed", "model-seed")
+
+
+@dataclass
+class MatchRequest:
+    """Everything `univ match` was asked for."""
+
+    model_a: str | None = None
+    model_b: str | None = None
+    model_c: str | None = None
+    """Same architecture and size as A, another training seed (the model-seed skyline)."""
+    acts_a: Path | None = None
+    acts_b: Path | None = None
+    saes_a: Path | None = None
+    """Folder holding A's SAE folders (cfg.json + sae.safetensors); without it A's raw activations are matched."""
+    saes_b: Path | None = None
+    layers_a: str = "all"
+    layers_b: str = "all"
+    baselines: list[str] = field(default_factory=list)
+    skylines: list[str] = field(default_factory=list)
+    neurons: bool = False
+    neuron_tokens: int = 100_000
+    """Window of the neuron comparisons (the study: 100K tokens)."""
+    data: CacheConfig | None = None
+    """Template for caching: corpus, token count (= the window), context length, dtype, device."""
+    fit: FitConfig = field(default_factory=FitConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    cache_dir: Path = Path("univ-cache")
+
+
+def _check(req: MatchRequest) -> None:
+    by_model, by_path = req.model_a or req.model_b, req.acts_a or req.acts_b
+    if by_model and by_path:
+        raise UnivError("give models (--model-a/--model-b) or stores (--acts-a/--acts-b), not both")
+    if by_model and not (req.model_a and req.model_b):
+        raise UnivError("give both --model-a and --model-b")
+    if by_path and not (req.acts_a and req.acts_b):
+        raise UnivError("give both --acts-a and --acts-b")
+    if not (by_model or by_path):
+        raise UnivError("give --model-a and --model-b (or --acts-a and --acts-b)")
+    for b in req.baselines:
+        if b not in BASELINES:
+            raise UnivError(f"unknown baseline {b!r} (use {', '.join(BASELINES)})")
+    for s in req.skylines:
+        if s not in SKYLINES:
+            raise UnivError(f"unknown skyline {s!r} (use {', '.join(SKYLINES)})")
+    if "model-seed" in req.skylines and not req.model_c:
+        raise UnivError("--skyline model-seed needs --model-c (A's architecture, another seed)")
+    if by_path and (req.baselines or req.skylines or req.neurons):
+        raise UnivError("reference points need models (--model-a/--model-b), not stores given by path")
+
+
+def _cache_cfg(req: MatchRequest, models_: list[str], **kw) -> CacheConfig:
+    return dataclasses.replace(req.data, models=models_, cache_dir=req.cache_dir, **kw)
+
+
+def sae_side(req: MatchRequest, model: str, layers: str, seed: int | None = None, label: str | None = None) -> Side:
+    """A model's SAE features: its cached residual streams and one SAE per layer (fitted if missing)."""
+    fit_cfg = dataclasses.replace(req.fit, seed=req.fit.seed if seed is None else seed)
+    results = run_fit(fit_cfg, layers, req.cache_dir, cache_cfg=_cache_cfg(req, [model]))
+    device = models.resolve_device(req.match.device)
+    stores, encoders, ident = {}, {}, {}
+    for r in results:
+        sae = SAE.load(r.path, device)
+        stores[r.layer] = Store.read(Path(sae.cfg.store["path"]))
+        encoders[r.layer] = sae.encode
+        ident[r.layer] = str(Path(r.path).resolve())
+    return Side(label or model, stores, encoders, {"saes": ident})
+
+
+def neuron_side(req: MatchRequest, model: str, layers: str) -> Side:
+    cfg = _cache_cfg(req, [model], hook="neurons", tokens=req.neuron_tokens, layers=layers)
+    root = Path(run_cache(cfg).models[0].store)
+    n_layers = models.resolve(model).n_layers
+    stores = {layer: Store.read(root / resid_hook(layer, "neurons")) for layer in parse_layers(layers, n_layers)}
+    return Side(f"{model} neurons", stores, {layer: None for layer in stores},
+                {"neurons": {layer: str(s.path.resolve()) for layer, s in stores.items()}})
+
+
+def path_side(label: str, acts: Path, saes: Path | None, layers: str, device: str) -> Side:
+    all_stores = stores_at(acts)
+    chosen = select_layers(all_stores, layers)
+    stores = {layer: all_stores[layer] for layer in chosen}
+    if saes is None:
+        return Side(label, stores, {layer: None for layer in chosen},
+                    {"acts": {layer: str(s.path.resolve()) for layer, s in stores.items()}})
+    found = {}
+    for cfg_file in sorted(Path(saes).rglob("cfg.json")):
+        sae = SAE.load(cfg_file.parent, models.resolve_device(device))
+        layer = sae.cfg.store.get("config", {}).get("layer")
+        if layer in stores:
+            found[layer] = sae
+    missing = [layer for layer in chosen if layer not in found]
+    if missing:
+        raise UnivError(f"{saes} holds no SAE trained on layer {missing[0]} of {acts}")
+    return Side(label, stores, {layer: found[layer].encode for layer in chosen},
+                {"saes": {layer: str(Path(s.cfg.store["path"])) for layer, s in found.items()}})
+
+
+def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:
+    """The main comparison, then each reference point asked for."""
+    _check(req)
+    out_root = req.cache_dir / "match"
+    if req.acts_a:
+        a = path_side(str(req.acts_a), req.acts_a, req.saes_a, req.layers_a, req.match.device)
+        b = path_side(str(req.acts_b), req.acts_b, req.saes_b, req.layers_b, req.match.device)
+        return [compare("main", a, b, req.match, out_root, progress)]
+    # One cache call for every model: one shared token store, and a clear refusal when the
+    # tokenizers differ.
+    everyone = [req.model_a, req.model_b] + ([req.model_c] if req.model_c else [])
+    everyone += [models.RANDOM_PREFIX + req.model_b] if "random-init" in req.baselines else []
+    run_cache(_cache_cfg(req, everyone, layers="all"), progress)
+    a = sae_side(req, req.model_a, req.layers_a)
+    results = [compare("main", a, sae_side(req, req.model_b, req.layers_b), req.match, out_root, progress)]
+    if "random-init" in req.baselines:
+        b0 = sae_side(req, models.RANDOM_PREFIX + req.model_b, req.layers_b)
+        results.append(compare("random-init", a, b0, req.match, out_root, progress))
+    if "sae-seed" in req.skylines:
+        seed = req.fit.seed + 1
+        a2 = sae_side(req, req.model_a, req.layers_a, seed=seed, label=f"{req.model_a} (SAE seed {seed})")
+        results.append(compare("sae-seed", a, a2, req.match, out_root, progress))
+    if "model-seed" in req.skylines:
+        results.append(compare("model-seed", a, sae_side(req, req.model_c, req.layers_a), req.match, out_root, progress))
+    if req.neurons:
+        neuron_match = dataclasses.replace(req.match, tokens=req.neuron_tokens)
+        an = neuron_side(req, req.model_a, req.layers_a)
+        results.append(compare("neurons", an, neuron_side(req, req.model_b, req.layers_b), neuron_match,
+                               out_root, progress))
+        if "random-init" in req.baselines:
+            bn0 = neuron_side(req, models.RANDOM_PREFIX + req.model_b, req.layers_b)
+            results.append(compare("neurons random-init", an, bn0, neuron_match, out_root, progress))
+    return results
