@@ -6,12 +6,13 @@ rounding is float64 summation; the cancellation of the one-pass formula then mat
 mean² / variance approaches 1e8 or so, far beyond anything SAE features or neurons show (a
 float32 one-pass formula breaks near 1e3, which the tests check).
 
-Σ f gᵀ is accumulated sparsely for SAE features (each token adds the outer product of its
-few active features: O(L0_a · L0_b) per token instead of O(F_a · F_b)), densely for neurons.
+Σ f gᵀ is accumulated sparsely for SAE features (a sparse × sparse product per block of
+tokens: O(L0_a · L0_b) work per token instead of O(F_a · F_b)), densely for neurons.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -71,23 +72,24 @@ def cross_moment(a: Encoded, b: Encoded, block_rows: int = 8192) -> torch.Tensor
             out.addmm_(fa[s:s + block_rows].double().T, fb[s:s + block_rows].double())
         return out
     flat = out.view(-1)
-    # Entries are in row order (nonzero() is row-major), so a token's entries are contiguous.
-    counts_b = torch.bincount(b.rows.long(), minlength=b.n)
-    starts_b = torch.cumsum(counts_b, 0) - counts_b
-    bounds_a = torch.searchsorted(a.rows, torch.arange(0, a.n + block_rows, block_rows, device=a.rows.device,
-                                                        dtype=a.rows.dtype))
-    for lo, hi in zip(bounds_a[:-1].tolist(), bounds_a[1:].tolist()):
-        if lo == hi:
+    # Entries are in row order (nonzero() is row-major): a block of tokens is a contiguous range.
+    edges = torch.arange(0, a.n + block_rows, block_rows, device=a.rows.device, dtype=a.rows.dtype)
+    bounds_a, bounds_b = torch.searchsorted(a.rows, edges).tolist(), torch.searchsorted(b.rows, edges).tolist()
+    for i, start in enumerate(range(0, a.n, block_rows)):
+        rows = min(block_rows, a.n - start)
+        (la, ha), (lb, hb) = bounds_a[i:i + 2], bounds_b[i:i + 2]
+        if la == ha or lb == hb:
             continue
-        ra, ca, va = a.rows[lo:hi].long(), a.cols[lo:hi].long(), a.vals[lo:hi]
-        per = counts_b[ra]  # B entries paired with each A entry
-        total = int(per.sum())
-        if total == 0:
-            continue
-        rep = torch.repeat_interleave(torch.arange(len(ra), device=ra.device), per, output_size=total)
-        offset = torch.arange(total, device=ra.device) - (torch.cumsum(per, 0) - per)[rep]
-        bi = starts_b[ra[rep]] + offset
-        flat.index_add_(0, ca[rep] * b.width + b.cols[bi].long(), (va[rep].double() * b.vals[bi].double()))
+        # (A block)ᵀ (B block) as a sparse × sparse product: O(L0_a · L0_b) work per token.
+        at = torch.sparse_coo_tensor(torch.stack([a.cols[la:ha].long(), (a.rows[la:ha] - start).long()]),
+                                     a.vals[la:ha].double(), (a.width, rows), check_invariants=False)
+        bt = torch.sparse_coo_tensor(torch.stack([(b.rows[lb:hb] - start).long(), b.cols[lb:hb].long()]),
+                                     b.vals[lb:hb].double(), (rows, b.width), check_invariants=False)
+        with warnings.catch_warnings():  # torch calls its internal CSR conversion "beta"
+            warnings.simplefilter("ignore", UserWarning)
+            prod = torch.sparse.mm(at, bt).coalesce()
+        idx = prod.indices()
+        flat.index_add_(0, idx[0] * b.width + idx[1], prod.values())
     return out
 
 
