@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: the GPU tests, then every benchmark, logs under $OUT.
-# Usage (from the repository root): bash bench/gpu_check.sh
+# One prepared run on a GPU machine: the GPU tests, then the benchmarks, logs under $OUT.
+# Usage (from the repository root): bash bench/gpu_check.sh [tests|mamba|sae|match|circuits ...]
 set -uo pipefail
 export PYTHONPATH=. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/univ-gpu}; mkdir -p "$OUT"
+parts=${*:-tests mamba sae match circuits}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-timeout 120 python3 bench/bench_mamba.py --sweep 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/bench_mamba.log"
-timeout 120 python3 bench/bench_sae.py 2>&1 | tee "$OUT/bench_sae.log"
+for part in $parts; do
+  case $part in
+    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+    mamba) timeout 180 python3 bench/bench_mamba.py --sweep 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/bench_mamba.log" | grep -v "^scan {" ;;
+    sae) timeout 120 python3 bench/bench_sae.py 2>&1 | grep -v Warning | tee "$OUT/bench_sae.log" ;;
+    match) timeout 240 python3 bench/bench_match.py 2>&1 | tee "$OUT/bench_match.log" ;;
+    circuits) timeout 240 python3 bench/bench_circuits.py 2>&1 | tee "$OUT/bench_circuits.log" ;;
+  esac
+done
