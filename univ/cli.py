@@ -306,16 +306,63 @@ def offbyone(
     typer.echo(render(tables, fmt))
 
 
-def _not_implemented(name: str, summary: str):
-    @user_errors
-    def command(ctx: typer.Context, fmt: Format = FormatOpt) -> None:
-        raise UnivError(f"univ {name}: not implemented yet")
+@app.command("all")
+@user_errors
+def all_(
+    model_a: str = typer.Option(..., "--model-a", help="Model A (the study: pythia-160m)."),
+    model_b: str = typer.Option(..., "--model-b", help="Model B (the study: mamba-130m)."),
+    model_c: str = typer.Option(None, "--model-c", help="A's architecture with another seed, for the model-seed skyline."),
+    preset: str = typer.Option("quick", "--preset", help="smoke (CPU, minutes), quick (one GPU, < 1 h), paper (the study's sizes)."),
+    tokens: str = typer.Option(None, "--tokens", help="Override: tokens cached and matched."),
+    ctx_len: int = typer.Option(None, "--ctx-len", help="Override: tokens per context."),
+    arch: str = typer.Option(None, "--arch", help="Override: SAE architecture (relu, topk)."),
+    expansion: float = typer.Option(None, "--expansion", help="Override: SAE width / d_model."),
+    k: int = typer.Option(None, "--k", help="Override: TopK's k."),
+    l1: float = typer.Option(None, "--l1", help="Override: ReLU SAE's L1 coefficient."),
+    sae_batch_size: int = typer.Option(None, "--sae-batch-size", help="Override: SAE batch size."),
+    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="Override: SAE training tokens."),
+    neuron_tokens: str = typer.Option(None, "--neuron-tokens", help="Override: window of the neuron comparisons."),
+    n_seqs: int = typer.Option(None, "--n-seqs", help="Override: sequences of the circuit analyses."),
+    offbyone_len: int = typer.Option(None, "--offbyone-len", help="Override: length of the off-by-one sequences (129)."),
+    neurons: bool = typer.Option(None, "--neurons/--no-neurons", help="Override: match neurons too."),
+    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    cache_dir: Path = CacheDirOpt,
+    out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """The whole study: cache, fit-sae, match, induction, offbyone, then a report with figures."""
+    from .study import StudyConfig, run_all
 
-    command.__doc__ = f"{summary} (not implemented yet)"
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+    overrides = dict(tokens=parse_count(tokens, "--tokens") if tokens else None, ctx_len=ctx_len, arch=arch,
+                     expansion=expansion, k=k, l1=l1, sae_batch_size=sae_batch_size,
+                     sae_train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None,
+                     neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens") if neuron_tokens else None,
+                     n_seqs=n_seqs, offbyone_len=offbyone_len, neurons=neurons)
+    result = run_all(StudyConfig(model_a=model_a, model_b=model_b, model_c=model_c, preset=preset, overrides=overrides,
+                                 dataset=dataset, device=device, dtype=dtype, cache_dir=cache_dir, out=out))
+    tables = {"summary": result.summary}
+    if fmt is Format.json:
+        tables["run"] = [{"run": str(result.run_file), **result.report}]
+    else:
+        typer.echo(f"univ: report written to {result.report['report']}", err=True)
+    typer.echo(render(tables, fmt))
 
 
-_not_implemented("all", "The whole study: cache, fit-sae, match, induction, offbyone, report")
+@app.command()
+@user_errors
+def report(
+    cache_dir: Path = CacheDirOpt,
+    out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
+    run: Path = typer.Option(None, "--run", help="A run.json (default: the latest run in the cache)."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """report.md and PNG figures from the cache, without recomputing anything."""
+    from .report import latest_run, write_report
+
+    written = write_report(run or latest_run(cache_dir), out or cache_dir / "report")
+    typer.echo(render({"report": [{"file": f} for f in [written["report"], *written["figures"]]]}, fmt))
 
 
 def main(argv: list[str] | None = None) -> None:

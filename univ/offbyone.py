@@ -10,6 +10,7 @@ p shows where B enters: in Mamba the study saw it at p = 2, one position late.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import torch
@@ -54,7 +55,8 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
     path = result_path(cache_dir, lm, f"offbyone-{layer}", cfg)
     if path.is_file() and not force:
         return CircuitResult.load(path)
-    ind_cfg = CircuitConfig(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    # The layer or head is chosen by `induction` at its own sequence length, on as many sequences.
+    ind_cfg = dataclasses.replace(cfg, seq_len=CircuitConfig.seq_len)
     data = offbyone_data(lm, cfg)
     T = cfg.seq_len
     means = _Mean()

@@ -1,0 +1,71 @@
+"""`univ all` end to end on tiny local models, offline; `univ report` from the cache alone."""
+
+import json
+
+import pytest
+
+from univ import fit, study
+from univ.errors import UnivError
+
+from test_cli import assert_one_line_error, run
+
+
+def all_args(assets, tmp_path):
+    return ["all", "--model-a", assets["neox"], "--model-b", assets["mamba"], "--preset", "smoke",
+            "--dataset", assets["corpus"], "--tokens", "2000", "--ctx-len", "24", "--expansion", "2", "--k", "4",
+            "--sae-batch-size", "128", "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24",
+            "--device", "cpu", "--cache-dir", tmp_path / "cache", "--format", "json"]
+
+
+def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch):
+    # An interrupted run: the circuit stage fails; the error names it and how to rerun it.
+    real = study.run_induction
+
+    def broken(*a, **k):
+        raise UnivError("simulated failure")
+
+    monkeypatch.setattr(study, "run_induction", broken)
+    code, out, err = run(capsys, *all_args(assets, tmp_path))
+    assert_one_line_error(code, out, err, "stage induction failed: simulated failure")
+    assert "rerun it alone with: univ induction --model" in err
+
+    # The rerun resumes: nothing trained again, the rest computed.
+    monkeypatch.setattr(study, "run_induction", real)
+    monkeypatch.setattr(fit, "_train", lambda *a, **k: pytest.fail("SAEs were trained again"))
+    code, out, err = run(capsys, *all_args(assets, tmp_path))
+    assert code == 0, err
+    tables = json.loads(out)
+    whats = [row["what"] for row in tables["summary"]]
+    assert whats.count("SAE quality") == 2
+    for name in ("MPPC main", "MPPC random-init", "MPPC sae-seed", "MPPC neurons", "MPPC neurons random-init"):
+        assert whats.count(name) == 2, name
+    assert whats.count("induction (head->logit)") == 1 and whats.count("induction (state->logit)") == 1
+    assert whats.count("off-by-one") == 2
+    written = tables["run"][0]
+    names = sorted(p.split("/")[-1] for p in written["figures"])
+    assert names == sorted(["mppc_features.png", "mppc_neurons.png", "depth_map.png", "offbyone.png",
+                            "induction_heads_tiny-neox.png", "induction_tiny-mamba.png"])
+    for figure in written["figures"]:
+        with open(figure, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report_md = open(written["report"]).read()
+    assert "## SAE quality" in report_md and "## Off-by-One" in report_md
+
+    # `univ report` rebuilds the same report from the cache alone.
+    for stage in ("run_cache", "run_fit", "run_match", "run_induction", "run_offbyone"):
+        monkeypatch.setattr(study, stage, lambda *a, **k: pytest.fail("report recomputed something"))
+    code, out, err = run(capsys, "report", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "again",
+                         "--format", "json")
+    assert code == 0, err
+    assert (tmp_path / "again" / "report.md").read_text() == report_md
+    assert len(json.loads(out)["report"]) == 1 + 6
+
+
+def test_report_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert_one_line_error(*run(capsys, "report", "--cache-dir", tmp_path), "no run")
+
+
+def test_unknown_preset(assets, tmp_path, capsys):
+    args = all_args(assets, tmp_path)
+    args[args.index("smoke")] = "huge"
+    assert_one_line_error(*run(capsys, *args), "unknown preset")

@@ -1,0 +1,174 @@
+"""`univ all`: the whole study in one command, stage by stage, each resumable.
+
+cache → fit-sae (every model) → match (with the preset's reference points) → induction and
+offbyone (both models) → report. A stage that fails is named together with the command that
+reruns it alone; a rerun of `univ all` skips everything already in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from . import __version__, models
+from .cache import CacheConfig, run_cache
+from .errors import UnivError
+from .fit import FitConfig, run_fit
+from .induction import CircuitConfig, run_induction
+from .match import MatchConfig
+from .match_stage import MatchRequest, run_match
+from .induction import result_path
+from .offbyone import run_offbyone
+from .report import RUNS, write_report
+from .store import config_key
+
+PRESETS: dict[str, dict] = {
+    # CPU, minutes: a taste of every stage.
+    "smoke": dict(tokens=20_000, ctx_len=128, arch="topk", expansion=4, k=16, l1=5.0, sae_batch_size=512,
+                  sae_train_tokens=None, neuron_tokens=5_000, n_seqs=16, offbyone_len=129,
+                  baselines=["random-init"], skylines=["sae-seed"], neurons=True),
+    # One GPU, well under an hour.
+    "quick": dict(tokens=200_000, ctx_len=1024, arch="relu", expansion=8, k=32, l1=5.0, sae_batch_size=4096,
+                  sae_train_tokens=None, neuron_tokens=50_000, n_seqs=64, offbyone_len=129,
+                  baselines=["random-init"], skylines=["sae-seed"], neurons=True),
+    # The study's sizes: 1024-token contexts, SAEs (32x, ReLU + L1) on every layer, MPPC over
+    # 1M tokens, every reference point (model-seed when --model-c is given), neurons over 100K.
+    "paper": dict(tokens=1_000_000, ctx_len=1024, arch="relu", expansion=32, k=32, l1=5.0, sae_batch_size=4096,
+                  sae_train_tokens=None, neuron_tokens=100_000, n_seqs=256, offbyone_len=129,
+                  baselines=["random-init"], skylines=["sae-seed", "model-seed"], neurons=True),
+}
+
+
+@dataclass
+class StudyConfig:
+    """Options of `univ all`; ``overrides`` holds the preset values given as flags."""
+
+    model_a: str
+    model_b: str
+    model_c: str | None = None
+    preset: str = "quick"
+    overrides: dict = field(default_factory=dict)
+    dataset: str = "Skylion007/openwebtext"
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path = Path("univ-cache")
+    out: Path | None = None
+    """Report folder (default: <cache_dir>/report)."""
+
+    def settings(self) -> dict:
+        if self.preset not in PRESETS:
+            raise UnivError(f"unknown preset {self.preset!r} (use {', '.join(PRESETS)})")
+        s = {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}}
+        if not self.model_c:
+            s["skylines"] = [x for x in s["skylines"] if x != "model-seed"]
+        return s
+
+
+class StudyResult(NamedTuple):
+    summary: list[dict]
+    run_file: Path
+    report: dict
+
+
+def _stage(name: str, rerun: str):
+    """Run a stage; a failure names it and the command that reruns it alone."""
+
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, exc, tb):
+            if isinstance(exc, UnivError):
+                raise UnivError(f"stage {name} failed: {exc} — rerun it alone with: {rerun}") from None
+            return False
+
+    return _Guard()
+
+
+def _cmd(*parts) -> str:
+    return "univ " + " ".join(shlex.quote(str(p)) for p in parts if p is not None and p != "")
+
+
+def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
+    s = cfg.settings()
+    a, b = cfg.model_a, cfg.model_b
+    data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=cfg.dtype,
+                       device=cfg.device, cache_dir=cfg.cache_dir)
+    fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
+                    train_tokens=s["sae_train_tokens"], device=cfg.device)
+    common = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--cache-dir", cfg.cache_dir]
+    sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
+    everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
+    with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common)):
+        random_b = [models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []
+        run_cache(dataclasses.replace(data, models=everyone + random_b), progress)
+    quality = []
+    for model in everyone:
+        with _stage("fit-sae", _cmd("fit-sae", "--model", model, *sae_flags, "--batch-size", s["sae_batch_size"], *common)):
+            for r in run_fit(fit, "all", cfg.cache_dir, cache_cfg=dataclasses.replace(data, models=[model]),
+                             progress=progress):
+                quality.append({"model": model, **{k: v for k, v in r._asdict().items() if k != "path"}})
+    req = MatchRequest(model_a=a, model_b=b, model_c=cfg.model_c, baselines=s["baselines"], skylines=s["skylines"],
+                       neurons=s["neurons"], neuron_tokens=s["neuron_tokens"], data=data, fit=fit,
+                       match=MatchConfig(tokens=s["tokens"], device=cfg.device), cache_dir=cfg.cache_dir)
+    match_flags = [*[x for v in s["baselines"] for x in ("--baseline", v)], *[x for v in s["skylines"] for x in ("--skyline", v)],
+                   "--neurons" if s["neurons"] else "", "--model-c" if cfg.model_c else "", cfg.model_c or ""]
+    with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, *common)):
+        comparisons = run_match(req, progress)
+    circuit = CircuitConfig(n_seqs=s["n_seqs"], device=cfg.device)
+    obo_cfg = dataclasses.replace(circuit, seq_len=s["offbyone_len"])
+    induction, offbyone, paths = [], [], {"induction": [], "offbyone": []}
+    for model in (a, b):
+        flags = ["--model", model, "--n-seqs", s["n_seqs"], "--device", cfg.device, "--cache-dir", cfg.cache_dir]
+        obo_flags = [*flags, "--seq-len", s["offbyone_len"]]
+        lm = models.load(model, device=cfg.device, dtype=circuit.dtype)
+        with _stage("induction", _cmd("induction", *flags)):
+            induction.append(run_induction(lm, circuit, cfg.cache_dir))
+        with _stage("offbyone", _cmd("offbyone", *obo_flags)):
+            offbyone.append(run_offbyone(lm, obo_cfg, cfg.cache_dir))
+        paths["induction"].append(str(result_path(cfg.cache_dir, lm, "induction", circuit)))
+        paths["offbyone"].append(str(result_path(cfg.cache_dir, lm, "offbyone-auto", obo_cfg)))
+    run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
+           "dataset": cfg.dataset, "device": cfg.device, "dtype": cfg.dtype, "univ_version": __version__,
+           "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths}
+    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset", "dtype")})
+    run_file = cfg.cache_dir / RUNS / key / "run.json"
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(run, indent=1, default=str) + "\n")
+    with _stage("report", _cmd("report", "--cache-dir", cfg.cache_dir, "--run", run_file)):
+        report = write_report(run_file, cfg.out or cfg.cache_dir / "report")
+    return StudyResult(summary(quality, comparisons, induction, offbyone), run_file, report)
+
+
+def summary(quality, comparisons, induction, offbyone) -> list[dict]:
+    """One concise table: SAE quality, MPPC per comparison, top induction component, off-by-one shift."""
+    rows = []
+    for model in dict.fromkeys(q["model"] for q in quality):
+        qs = [q for q in quality if q["model"] == model]
+        lr = [q["loss_recovered"] for q in qs if q["loss_recovered"] is not None]
+        mean = lambda key: sum(q[key] for q in qs) / len(qs)  # noqa: E731
+        rows.append({"what": "SAE quality", "subject": model,
+                     "result": f"{len(qs)} layers, d_sae {qs[0]['d_sae']}, mean L0 {mean('l0'):.1f}, "
+                               f"explained variance {mean('explained_variance'):.3f}, dead {mean('dead_fraction'):.3f}"
+                               + (f", loss recovered {sum(lr) / len(lr):.3f}" if lr else "")})
+    for c in comparisons:
+        for row in c.summary(False):
+            rows.append({"what": f"MPPC {row['comparison']}", "subject": row["direction"],
+                         "result": f"alive {row['alive']}/{row['features']}, mean {row['mean']:.3f}, "
+                                   f"median {row['median']:.3f}, >=0.7 {row['>=0.7']:.3f}"})
+    for r in induction:
+        table = "state->logit" if r.family == "mamba" else "head->logit"
+        top = r.rows[table][0]
+        rows.append({"what": f"induction ({table})", "subject": r.model,
+                     "result": f"{top['component']}: p(B) {r.clean_p:.4f} -> {top['p_B']:.4f}"})
+    for r in offbyone:
+        entries = r.rows["write at position p corrupted"]
+        top = max(entries, key=lambda e: abs(e["delta_logit_B"]))
+        rows.append({"what": "off-by-one", "subject": r.model,
+                     "result": f"{r.config['component']}: largest change at p = {top['position']} "
+                               f"(d logit(B) {top['delta_logit_B']:+.3f}; B sits at 1)"})
+    return rows
