@@ -14,5 +14,6 @@ for part in $parts; do
     sae) timeout 120 python3 bench/bench_sae.py 2>&1 | grep -v Warning | tee "$OUT/bench_sae.log" ;;
     match) timeout 240 python3 bench/bench_match.py 2>&1 | tee "$OUT/bench_match.log" ;;
     circuits) timeout 240 python3 bench/bench_circuits.py 2>&1 | tee "$OUT/bench_circuits.log" ;;
+    smoke) timeout 280 python3 bench/preset_time.py smoke 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/preset_smoke.log" ;;
   esac
 done

@@ -266,8 +266,8 @@ def induction(
 @user_errors
 def offbyone(
     model: list[str] = typer.Option(..., "--model", "-m", help="Model(s); repeat to put families side by side."),
-    layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: top state->logit layer of `univ induction`)."),
-    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head L.H (default: top head->logit of `univ induction`)."),
+    layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: the state->logit layer of `univ induction` that moves p(B) most)."),
+    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head L.H (default: the head->logit head of `univ induction` that moves p(B) most)."),
     n_seqs: int = typer.Option(128, "--n-seqs", help="Sequences averaged over."),
     seq_len: int = typer.Option(129, "--seq-len", help="Tokens per sequence: A, B, filler, A."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),

@@ -253,8 +253,9 @@ def neox_induction(lm: models.LM, cfg: CircuitConfig) -> CircuitResult:
     if cfg.head:
         ind = parse_head(cfg.head, lm)
     else:
-        ind = next(tuple(int(v) for v in r["component"][1:].split("H")) for r in result.rows["head->logit"]
-                   if not r["component"].startswith("L0H"))
+        later = [r for r in result.rows["head->logit"] if not r["component"].startswith("L0H")]
+        top = max(later, key=lambda r: abs(r["drop"]))  # the head whose patch moves p(B) most
+        ind = tuple(int(v) for v in top["component"][1:].split("H"))
     comp = _Mean()
     for batch in _batches(data, cfg.batch, lm.device):
         s1 = batch["s"] + 1

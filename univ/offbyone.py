@@ -35,7 +35,9 @@ def offbyone_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
 
 
 def _top(result: CircuitResult, table: str) -> str:
-    return result.rows[table][0]["component"]
+    """The component whose patch moves p(B) most (either way: in a model that has not learned
+    the task the sign of the change is noise)."""
+    return max(result.rows[table], key=lambda r: abs(r["drop"]))["component"]
 
 
 @torch.no_grad()
