@@ -102,7 +102,7 @@ def main():
     tokens = torch.randint(0, 50000, (args.batch, args.len), device=device)
     pythia = pythia_160m().to(device, dtype).eval()
     mam = mamba_130m().to(device, dtype).eval()
-    layers_p, layers_m = list(range(12)), list(range(24))
+    layers_m = list(range(24))
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {name}, torch {torch.__version__}, dtype {dtype}, batch {args.batch} x {args.len}")
     with torch.no_grad():

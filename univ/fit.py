@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,8 +68,6 @@ class FitConfig:
     """auto, cpu, cuda, cuda:N."""
     force: bool = False
     """Retrain even when a finished SAE with the same config exists."""
-    train: TrainConfig | None = field(default=None, repr=False)
-    """Filled in by fit(): the optimisation settings."""
 
 
 class SAEResult(NamedTuple):
@@ -227,7 +225,6 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
     lr = cfg.lr or default_lr(cfg.arch, d_sae)
     tc = TrainConfig(lr=lr, total_steps=steps,
                      matmul_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg.train = tc
     sae_cfgs, keys = {}, {}
     for ld in stores:
         sc = SAEConfig(arch=cfg.arch, d_in=d, d_sae=d_sae, k=cfg.k if cfg.arch == "topk" else None,

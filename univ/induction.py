@@ -215,7 +215,7 @@ def _conv_patched_state(model, clean, rand, layer: int, out_pos: torch.Tensor, i
     dbl = F.linear(xc.to(mixer.x_proj.weight.dtype), mixer.x_proj.weight).float()
     dt = F.linear(dbl[..., :R].to(mixer.dt_proj.weight.dtype), mixer.dt_proj.weight)
     decay, write = patching.writes(mixer, tr)
-    delta, A = patching._decay(mixer, dt)
+    delta, A = patching.delta_and_A(mixer, dt)
     decay[rows, out_pos] = torch.exp(delta[..., None] * A)
     write[rows, out_pos] = (delta * xc)[..., None] * dbl[..., R:R + N][:, None, :]
     return patching.rebuilt_last_state(decay, write)

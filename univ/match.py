@@ -158,7 +158,7 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
     key = config_key({"a": a.ident, "b": b.ident, "tokens": n})
     out = out_root / f"{slug(a.label)}__{slug(b.label)}" / f"{slug(name)}-{key}"
     if (out / "summary.json").is_file() and (out / "mppc.safetensors").is_file():
-        return _load(out)
+        return load_comparison(out)
     device = models.resolve_device(cfg.device)
     la, lb = sorted(a.stores), sorted(b.stores)
     bar = tqdm(total=len(la) + len(lb) + len(la) * len(lb), desc=f"match {name}", unit="step",
@@ -218,7 +218,7 @@ def _save(c: Comparison, out: Path, ident: dict) -> None:
     (out / "summary.json.tmp").replace(out / "summary.json")
 
 
-def _load(out: Path) -> Comparison:
+def load_comparison(out: Path) -> Comparison:
     meta = json.loads((out / "summary.json").read_text())
     t = load_file(out / "mppc.safetensors")
     return Comparison(meta["name"], meta["a"], meta["b"], meta["layers_a"], meta["layers_b"], meta["tokens"],

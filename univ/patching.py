@@ -47,7 +47,7 @@ def mamba_trace(model, tokens: torch.Tensor, state_positions: list[int]) -> Mamb
     return MambaRun(tokens, resid_in, traces, logits)
 
 
-def _decay(mixer, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_and_A(mixer, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ [.., E], A [E, N]) from the raw dt_proj output."""
     delta = F.softplus(dt_raw.float() + mixer.dt_proj.bias.float())
     return delta, -torch.exp(mixer.A_log.float())
@@ -78,7 +78,7 @@ def last_position(model, clean: MambaRun, layer: int, state_prev=None, state_las
         xc = F.silu(xc)
         dbl = F.linear(xc.to(mixer.x_proj.weight.dtype), mixer.x_proj.weight).float()
         dt, Bv, Cv = dbl[..., :R], dbl[..., R:R + N], dbl[..., R + N:]
-        delta, A = _decay(mixer, F.linear(dt.to(mixer.dt_proj.weight.dtype), mixer.dt_proj.weight))
+        delta, A = delta_and_A(mixer, F.linear(dt.to(mixer.dt_proj.weight.dtype), mixer.dt_proj.weight))
         h_prev = tr.states[:, tr.state_positions.index(T - 2)].float()
         if i == layer and state_prev is not None:
             h_prev = state_prev.float()
@@ -99,7 +99,7 @@ def gated_y_last(run: MambaRun, layer: int) -> torch.Tensor:
 
 def writes(mixer, trace: MixerTrace) -> tuple[torch.Tensor, torch.Tensor]:
     """(Ā_t, B̄_t x_t) at every position: [batch, pos, E, N] each, float32."""
-    delta, A = _decay(mixer, trace.dt)
+    delta, A = delta_and_A(mixer, trace.dt)
     decay = torch.exp(delta[..., None] * A)
     write = (delta * trace.xc.float())[..., None] * trace.B.float()[..., None, :]
     return decay, write

@@ -18,7 +18,7 @@ from tabulate import tabulate  # noqa: E402
 
 from .errors import UnivError  # noqa: E402
 from .induction import CircuitResult  # noqa: E402
-from .match import _load as load_comparison  # noqa: E402
+from .match import load_comparison  # noqa: E402
 
 RUNS = "runs"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,19 +75,13 @@ class StudyResult(NamedTuple):
     report: dict
 
 
+@contextmanager
 def _stage(name: str, rerun: str):
     """Run a stage; a failure names it and the command that reruns it alone."""
-
-    class _Guard:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, exc, tb):
-            if isinstance(exc, UnivError):
-                raise UnivError(f"stage {name} failed: {exc} — rerun it alone with: {rerun}") from None
-            return False
-
-    return _Guard()
+    try:
+        yield
+    except UnivError as e:
+        raise UnivError(f"stage {name} failed: {e} — rerun it alone with: {rerun}") from None
 
 
 def _cmd(*parts) -> str:
@@ -150,10 +145,10 @@ def summary(quality, comparisons, induction, offbyone) -> list[dict]:
     for model in dict.fromkeys(q["model"] for q in quality):
         qs = [q for q in quality if q["model"] == model]
         lr = [q["loss_recovered"] for q in qs if q["loss_recovered"] is not None]
-        mean = lambda key: sum(q[key] for q in qs) / len(qs)  # noqa: E731
+        mean = {key: sum(q[key] for q in qs) / len(qs) for key in ("l0", "explained_variance", "dead_fraction")}
         rows.append({"what": "SAE quality", "subject": model,
-                     "result": f"{len(qs)} layers, d_sae {qs[0]['d_sae']}, mean L0 {mean('l0'):.1f}, "
-                               f"explained variance {mean('explained_variance'):.3f}, dead {mean('dead_fraction'):.3f}"
+                     "result": f"{len(qs)} layers, d_sae {qs[0]['d_sae']}, mean L0 {mean['l0']:.1f}, "
+                               f"explained variance {mean['explained_variance']:.3f}, dead {mean['dead_fraction']:.3f}"
                                + (f", loss recovered {sum(lr) / len(lr):.3f}" if lr else "")})
     for c in comparisons:
         for row in c.summary(False):
