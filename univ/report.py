@@ -62,7 +62,7 @@ def mppc_figure(comparisons, out: Path, neurons: bool) -> str | None:
 
 
 def depth_figure(c, out: Path) -> str:
-    fig, ax = _fig(f"Depth map: mean best correlation of {c.a}'s layer-l features within {c.b}'s layer m",
+    fig, ax = _fig(f"Depth map: mean best correlation of {c.a}'s layer-l features\nwithin {c.b}'s layer m",
                    f"{c.b} layer", f"{c.a} layer", size=(8, 5))
     im = ax.imshow(c.depth.numpy(), aspect="auto", origin="lower", cmap="viridis")
     ax.set_xticks(range(len(c.layers_b)), c.layers_b, fontsize=7)
@@ -73,12 +73,13 @@ def depth_figure(c, out: Path) -> str:
 
 
 def mamba_bars(r: CircuitResult, out: Path) -> str:
-    fig, ax = _fig(f"{r.model}: induction path patching per layer (clean p(B) = {r.clean_p:.4f})",
+    fig, ax = _fig(f"{r.model}: induction path patching per layer\n(clean p(B) = {r.clean_p:.4f})",
                    "layer", "p(B) after patching")
     for offset, (table, color) in enumerate((("state->logit", "tab:blue"), ("y->logit", "tab:orange"))):
         rows = sorted(r.rows[table], key=lambda x: int(x["component"].split()[1]))
         layers = [int(x["component"].split()[1]) for x in rows]
         ax.bar(np.array(layers) + (offset - 0.5) * 0.4, [x["p_B"] for x in rows], width=0.4, color=color, label=table)
+    ax.set_xticks(layers)
     ax.axhline(r.clean_p, color="black", linestyle="--", linewidth=1, label="clean")
     ax.legend()
     ax.title.set_fontsize(9)
@@ -92,9 +93,11 @@ def neox_heatmap(r: CircuitResult, out: Path) -> str:
     grid = np.zeros((L, H))
     for (layer, head), x in zip(coords, rows):
         grid[layer, head] = x["drop"]
-    fig, ax = _fig(f"{r.model}: drop in p(B) when one head's last-position output is patched "
-                   f"(clean p(B) = {r.clean_p:.4f})", "head", "layer", size=(7, 5))
-    im = ax.imshow(grid, origin="lower", cmap="RdBu_r", vmin=-abs(grid).max(), vmax=abs(grid).max())
+    fig, ax = _fig(f"{r.model}: drop in p(B) when one head's last-position output\nis patched "
+                   f"from a random-sequence run (clean p(B) = {r.clean_p:.4f})", "head", "layer", size=(7, 5))
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-abs(grid).max(), vmax=abs(grid).max())
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
     fig.colorbar(im, ax=ax, label="clean p(B) − patched p(B)")
     ax.title.set_fontsize(9)
     return _save(fig, out / f"induction_heads_{_safe(r.model)}.png")
