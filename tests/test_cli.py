@@ -65,6 +65,7 @@ def test_bad_inputs_get_one_clear_line(assets, tmp_path, capsys):
         ([*a, "--layers", "0-1"] + ["--ctx-len", "65", "-m", assets["neox"]], "beyond"),
         ([*a, "--format", "yaml"], "yaml"),
         ([*a, "--dtype", "int8"], "unknown dtype"),
+        ([*a, "--hook", "attn"], "unknown hook"),
     ]
     for args, fragment in cases:
         assert_one_line_error(*run(capsys, *args), fragment)

@@ -98,6 +98,7 @@ def cache(
     dataset_revision: str = typer.Option(None, "--dataset-revision", help="Dataset revision on the Hub, e.g. refs/convert/parquet."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text."),
     chunk_tokens: str = typer.Option("64k", "--chunk-tokens", help="Context tokens per chunk file (the unit of resumption)."),
+    hook: str = typer.Option("resid_post", "--hook", help="resid_post (residual stream after each block) or neurons."),
     cache_dir: Path = CacheDirOpt,
     force: bool = typer.Option(False, "--force", help="Recompute the activation stores."),
     fmt: Format = FormatOpt,
@@ -109,7 +110,7 @@ def cache(
         models=model, dataset=dataset, tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len,
         layers=layers, batch_size=batch_size, dtype=dtype, device=device, seed=seed, split=split,
         dataset_revision=dataset_revision, text_field=text_field, chunk_tokens=parse_count(chunk_tokens, "--chunk-tokens"),
-        cache_dir=cache_dir, force=force,
+        cache_dir=cache_dir, force=force, hook=hook,
     )
     result = run_cache(cfg)
     typer.echo(render({"cache": [r._asdict() for r in result.models]}, fmt))
