@@ -225,7 +225,7 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
     lr = cfg.lr or default_lr(cfg.arch, d_sae)
     tc = TrainConfig(lr=lr, total_steps=steps,
                      matmul_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sae_cfgs, keys = {}, {}
+    sae_cfgs, keys, keyed = {}, {}, []
     for ld in stores:
         sc = SAEConfig(arch=cfg.arch, d_in=d, d_sae=d_sae, k=cfg.k if cfg.arch == "topk" else None,
                        l1=cfg.l1 if cfg.arch == "relu" else None, normalisation=normalisation,
@@ -237,7 +237,8 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
                   "train_tokens": train_tokens, "batch_size": cfg.batch_size, "eval_tokens": n_eval,
                   "window": window, "store_chunks": [c["sha256"] for c in ld.store.manifest["chunks"]]}
         keys[ld.layer] = recipe
-        ld.out_dir = ld.out_dir / f"{cfg.arch}-{config_key(recipe)}"
+        keyed.append(LayerData(ld.layer, ld.store, ld.out_dir / f"{cfg.arch}-{config_key(recipe)}"))
+    stores = keyed
 
     todo = [ld for ld in stores if cfg.force or not (ld.out_dir / "metrics.json").is_file()]
     if todo:
@@ -271,23 +272,28 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
 def _train(cfg: FitConfig, todo: list[LayerData], sae_cfgs, keys, tc: TrainConfig, n_train: int,
            train_tokens: int, window: int, device: torch.device, progress: bool) -> None:
     saes, opts, since = {}, {}, {}
-    state = {"window": 0, "step": 0}
     out_dirs = {ld.layer: ld.out_dir for ld in todo}
     for ld in todo:
         torch.manual_seed(cfg.seed)
-        sae = SAE(sae_cfgs[ld.layer]).to(device)
-        opt = _make_optimizer(sae, tc.lr, device)
-        resumed = None if cfg.force else _load_checkpoint(ld.out_dir, sae, opt, device)
-        if resumed is None:
+        saes[ld.layer] = SAE(sae_cfgs[ld.layer]).to(device)
+        opts[ld.layer] = _make_optimizer(saes[ld.layer], tc.lr, device)
+        ld.out_dir.mkdir(parents=True, exist_ok=True)
+    resumed = {} if cfg.force else {ld.layer: _load_checkpoint(ld.out_dir, saes[ld.layer], opts[ld.layer], device)
+                                    for ld in todo}
+    states = {json.dumps(r[0], sort_keys=True) if r else None for r in resumed.values()}
+    if len(states) == 1 and None not in states:  # every layer stopped at the same window
+        state = next(iter(resumed.values()))[0]
+        since = {layer: r[1] for layer, r in resumed.items()}
+    else:  # a fresh start (or checkpoints from different moments: start over rather than mix)
+        state = {"window": 0, "step": 0}
+        for ld in todo:
+            torch.manual_seed(cfg.seed)
+            saes[ld.layer] = SAE(sae_cfgs[ld.layer]).to(device)
+            opts[ld.layer] = _make_optimizer(saes[ld.layer], tc.lr, device)
             gen = torch.Generator().manual_seed(cfg.seed)
             first = next(iter_windows([ld], 0, n_train, min(window, n_train), torch.device("cpu")))[ld.layer]
-            sample = first[torch.randperm(len(first), generator=gen)[:4096]]
-            sae.initialise(sample, gen)
-            since[ld.layer] = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
-        else:
-            state, since[ld.layer] = resumed[0], resumed[1]
-        ld.out_dir.mkdir(parents=True, exist_ok=True)
-        saes[ld.layer], opts[ld.layer] = sae, opt
+            saes[ld.layer].initialise(first[torch.randperm(len(first), generator=gen)[:4096]], gen)
+            since[ld.layer] = torch.zeros(sae_cfgs[ld.layer].d_sae, dtype=torch.long, device=device)
     windows_per_pass = math.ceil(n_train / window)
     total_windows = math.ceil(train_tokens / window)
     bar = tqdm(total=tc.total_steps * cfg.batch_size, initial=state["step"] * cfg.batch_size,
