@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,3 +150,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_store(assets, tmp_path):
     assert _store_files(killed) == _store_files(clean)
     assert _manifests(killed) == _manifests(clean)
     assert json.loads(resumed.stdout)["cache"][0]["rows"] == 1500
+
+
+def test_a_pad_setting_does_not_split_the_token_store(assets, tmp_path):
+    """Checkpoints sharing one tokenizer may differ in whether PAD is set (Pythia does not set it);
+    they must still land on one token store, in whatever order they are cached."""
+    from transformers import AutoTokenizer
+
+    no_pad = tmp_path / "neox-no-pad"
+    shutil.copytree(assets["neox"], no_pad)
+    tok = AutoTokenizer.from_pretrained(no_pad)
+    tok.pad_token = None
+    tok.save_pretrained(no_pad)
+    assert AutoTokenizer.from_pretrained(no_pad).pad_token_id is None
+    first = run_cache(_cfg(assets, tmp_path, "mamba"), progress=False)
+    second = run_cache(CacheConfig(models=[str(no_pad)], dataset=str(assets["corpus"]), tokens=1500, ctx_len=24,
+                                   chunk_tokens=96, batch_size=3, cache_dir=tmp_path / "cache"), progress=False)
+    assert first.tokens_key == second.tokens_key

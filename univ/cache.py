@@ -110,8 +110,8 @@ def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True) -> tup
     """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store)."""
     data = DataConfig(cfg.dataset, cfg.split, cfg.dataset_revision, cfg.text_field, cfg.ctx_len, cfg.seed)
     bos = models.bos_id(tokenizer)
-    drop = sorted({bos, *models.special_ids(tokenizer)})
-    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, bos) if i is not None)
+    drop = models.special_ids(tokenizer)
+    pad = bos  # padding sits after the document, masked: its value only has to be the same for everyone
     per_chunk = max(1, cfg.chunk_tokens // cfg.ctx_len)
     config = {
         "data": {**vars(data), "dataset": _data_identity(cfg.dataset)},

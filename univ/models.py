@@ -178,12 +178,15 @@ def load_tokenizer(src: ModelSource):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what decides token ids: vocabulary, merges, normalisation, splitting, added tokens."""
+    """Hash of what decides the token store: vocabulary, merges, normalisation, splitting, added
+    tokens (and which are special), BOS and EOS. Not the PAD setting, which checkpoints sharing one
+    tokenizer configure differently and which never reaches a kept position."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens") or [])
     keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}
     keep["added_tokens"] = added
     keep["bos"] = bos_id(tokenizer)
+    keep["eos"] = tokenizer.eos_token_id
     blob = json.dumps(keep, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -197,8 +200,11 @@ def bos_id(tokenizer) -> int:
 
 
 def special_ids(tokenizer) -> list[int]:
-    """Ids whose positions are dropped from every activation store (BOS, EOS, PAD)."""
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    """Ids whose positions are dropped from every activation store: BOS, EOS and every added
+    token marked special (PAD among them), so the set depends only on the fingerprint."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    ids = {bos_id(tokenizer), tokenizer.eos_token_id}
+    ids |= {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
     return sorted(int(i) for i in ids if i is not None)
 
 
