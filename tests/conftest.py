@@ -16,6 +16,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# transformers' MambaConfig of Mamba-130M (random weights stand in for the checkpoint).
+MAMBA_130M = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2, conv_kernel=4,
+                  time_step_rank=48)
 VOCAB = 384  # embedding rows; a multiple of 8 as mamba-ssm pads it
 WORDS = ("the cat dog sat ran on a mat and then saw bird tree house red blue green small big "
          "quick lazy fox jumps over under river stone cloud light dark night day sun moon").split()

@@ -4,6 +4,8 @@
 import pytest
 import torch
 
+from conftest import MAMBA_130M
+from test_mamba import _random_mamba
 from univ import mamba, scan
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and scan.HAVE_TRITON), reason="needs CUDA and Triton")
@@ -48,11 +50,7 @@ def test_triton_conv_equals_torch_conv():
 
 
 def _mamba_130m():
-    from transformers import MambaConfig, MambaForCausalLM
-
-    torch.manual_seed(0)
-    return MambaForCausalLM(MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16,
-                                        expand=2, conv_kernel=4, time_step_rank=48)).cuda().eval()
+    return _random_mamba(**MAMBA_130M).cuda()
 
 
 def test_mamba_130m_blocks_equal_transformers_on_gpu():

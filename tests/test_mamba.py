@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import MAMBA_130M
 from univ import mamba, models
 from univ.scan import causal_conv_silu_torch, selective_scan_torch
 
@@ -37,8 +38,7 @@ def test_each_block_equals_transformers_on_the_130m_config():
     """Fed the same input, each of the 24 blocks matches transformers' to float32 rounding.
     (Run end to end, the two differ by rounding only, which random weights amplify with
     depth: residual norms grow to ~1e3.)"""
-    model = _random_mamba(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16,
-                          expand=2, conv_kernel=4, time_step_rank=48)
+    model = _random_mamba(**MAMBA_130M)
     tokens = torch.randint(0, 50280, (2, 40))
     refs = _hf_resid(model, tokens)
     with torch.no_grad():

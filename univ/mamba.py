@@ -71,27 +71,27 @@ def block_forward(block: nn.Module, hidden: torch.Tensor, trace: MixerTrace | No
 
 
 @torch.no_grad()
+def _walk(model: nn.Module, tokens: torch.Tensor, layers: list[int], traced: bool) -> dict:
+    """Run the blocks up to the deepest asked layer; per asked layer, its output and (if traced)
+    its mixer's trace."""
+    backbone = model.backbone
+    hidden = backbone.embeddings(tokens)
+    wanted, out = set(layers), {}
+    for i, block in enumerate(backbone.layers[: max(layers) + 1]):
+        trace = MixerTrace() if traced and i in wanted else None
+        hidden = block_forward(block, hidden, trace)
+        if i in wanted:
+            out[i] = (hidden, trace)
+    return out
+
+
 def resid(model: nn.Module, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
     """resid_post of the given layers, stopping after the deepest one."""
-    backbone = model.backbone
-    hidden = backbone.embeddings(tokens)
-    wanted, out = set(layers), {}
-    for i, block in enumerate(backbone.layers[: max(layers) + 1]):
-        hidden = block_forward(block, hidden)
-        if i in wanted:
-            out[i] = hidden
-    return [out[i] for i in layers]
+    out = _walk(model, tokens, layers, traced=False)
+    return [out[i][0] for i in layers]
 
 
-@torch.no_grad()
 def neurons(model: nn.Module, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
     """Per layer concat(SiLU(conv output), SiLU(gate)): [batch, pos, 2·d_inner], the study's Mamba 'neurons'."""
-    backbone = model.backbone
-    hidden = backbone.embeddings(tokens)
-    wanted, out = set(layers), {}
-    for i, block in enumerate(backbone.layers[: max(layers) + 1]):
-        trace = MixerTrace() if i in wanted else None
-        hidden = block_forward(block, hidden, trace)
-        if trace is not None:
-            out[i] = torch.cat([trace.xc, F.silu(trace.gate)], dim=-1)
-    return [out[i] for i in layers]
+    out = _walk(model, tokens, layers, traced=True)
+    return [torch.cat([out[i][1].xc, F.silu(out[i][1].gate)], dim=-1) for i in layers]
