@@ -51,3 +51,13 @@ def test_newer_or_broken_manifest_is_a_clear_error(tmp_path):
     (s.path / "manifest.json").write_text("{not json")
     with pytest.raises(UnivError, match="corrupt"):
         Store.read(s.path)
+
+
+def test_verify_rehashes_a_chunk_that_changed_since_it_was_checked(tmp_path):
+    s = Store.open_or_create(tmp_path / "s", "acts", {"x": 1})
+    s.write_chunk(0, {"acts": torch.zeros(4, 2)}, rows=4)
+    assert s.verify() == [0]
+    assert s.verify() == [0]  # remembered
+    path = tmp_path / "s" / "chunk-000000.safetensors"
+    path.write_bytes(path.read_bytes()[:-3])
+    assert s.verify() == []

@@ -29,6 +29,9 @@ MANIFEST = "manifest.json"
 log = logging.getLogger("univ")
 
 
+_VERIFIED: set[tuple] = set()
+
+
 class CorruptChunk(UnivError):
     """A chunk file is missing, truncated, or its sha256 differs from the manifest."""
 
@@ -173,9 +176,25 @@ class Store:
         """A chunk's tensors, only after its bytes match the manifest's sha256."""
         return st_load(self._checked_bytes(index))
 
+    def _signature(self) -> tuple:
+        """What a chunk's bytes could not change without changing: names, sizes, mtimes."""
+        stats = []
+        for c in self.manifest["chunks"]:
+            try:
+                st = (self.path / c["file"]).stat()
+                stats.append((c["file"], c["sha256"], st.st_size, st.st_mtime_ns))
+            except OSError:
+                return ()
+        return (str(self.path), *stats)
+
     def verify(self) -> list[int]:
         """Indices of the chunks that are present and intact. Damaged ones are warned about
-        and dropped from the manifest, so that they are recomputed and never read."""
+        and dropped from the manifest, so that they are recomputed and never read. Hashing is
+        skipped for files this process already checked and that have not changed since (the
+        stages of one `univ all` would otherwise re-read every store several times)."""
+        signature = self._signature()
+        if signature and signature in _VERIFIED:
+            return sorted(self.chunks)
         good, bad = [], []
         for index in sorted(self.chunks):
             try:
@@ -187,6 +206,8 @@ class Store:
         if bad:
             self.manifest["chunks"] = [c for c in self.manifest["chunks"] if c["index"] not in bad]
             self.set_complete(False)
+        else:
+            _VERIFIED.add(signature)
         return good
 
     def clean_temporaries(self) -> None:
