@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import MAMBA_130M
-from test_mamba import _random_mamba
+from test_mamba import _hf_resid, _random_mamba
 from univ import mamba, scan
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and scan.HAVE_TRITON), reason="needs CUDA and Triton")
@@ -56,13 +56,9 @@ def _mamba_130m():
 def test_mamba_130m_blocks_equal_transformers_on_gpu():
     model = _mamba_130m()
     tokens = torch.randint(0, 50280, (2, 256), device="cuda")
-    out = {}
-    hooks = [b.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o)) for i, b in enumerate(model.backbone.layers)]
+    out = _hf_resid(model, tokens)
     with torch.no_grad():
-        model(input_ids=tokens)
-        for h in hooks:
-            h.remove()
-        inputs = [model.backbone.embeddings(tokens)] + [out[i] for i in range(23)]
+        inputs = [model.backbone.embeddings(tokens)] + out[:23]
         for layer in range(24):
             ours = mamba.block_forward(model.backbone.layers[layer], inputs[layer])
             assert rel(ours, out[layer]) < 1e-5, layer

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from univ import fit, study
+from univ import fit, models, study
 from univ.errors import UnivError
 
 from test_cli import assert_one_line_error, run
@@ -51,13 +51,16 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
     report_md = open(written["report"]).read()
     assert "## SAE quality" in report_md and "## Off-by-One" in report_md
 
-    # `univ report` rebuilds the same report from the cache alone.
-    for stage in ("run_cache", "run_fit", "run_match", "run_induction", "run_offbyone"):
-        monkeypatch.setattr(study, stage, lambda *a, **k: pytest.fail("report recomputed something"))
+    # `univ report` rebuilds the same report from the cache alone: no model loaded, nothing
+    # in the cache written.
+    cache = tmp_path / "cache"
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and "report" not in p.parts}
+    monkeypatch.setattr(models, "load_source", lambda *a, **k: pytest.fail("report loaded a model"))
     code, out, err = run(capsys, "report", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "again",
                          "--format", "json")
     assert code == 0, err
     assert (tmp_path / "again" / "report.md").read_text() == report_md
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and "report" not in p.parts} == before
     assert len(json.loads(out)["report"]) == 1 + 6
 
 

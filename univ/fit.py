@@ -287,9 +287,7 @@ def _train(cfg: FitConfig, todo: list[LayerData], sae_cfgs, keys, tc: TrainConfi
     else:  # a fresh start (or checkpoints from different moments: start over rather than mix)
         state = {"window": 0, "step": 0}
         for ld in todo:
-            torch.manual_seed(cfg.seed)
-            saes[ld.layer] = SAE(sae_cfgs[ld.layer]).to(device)
-            opts[ld.layer] = _make_optimizer(saes[ld.layer], tc.lr, device)
+            opts[ld.layer] = _make_optimizer(saes[ld.layer], tc.lr, device)  # drop any half-loaded state
             gen = torch.Generator().manual_seed(cfg.seed)
             first = next(iter_windows([ld], 0, n_train, min(window, n_train), torch.device("cpu")))[ld.layer]
             saes[ld.layer].initialise(first[torch.randperm(len(first), generator=gen)[:4096]], gen)

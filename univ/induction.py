@@ -180,6 +180,8 @@ def mamba_induction(lm: models.LM, cfg: CircuitConfig) -> CircuitResult:
     conv = _Mean()
     K = model.backbone.layers[0].mixer.conv1d.weight.shape[-1]
     for batch in runs:
+        # Traced again rather than kept from the first pass: all layers' traces of every batch
+        # would not fit in memory at the study's sizes, and the top layers are known only now.
         clean = patching.mamba_trace(model, batch["clean"], [T - 2, T - 1])
         rand = patching.mamba_trace(model, batch["random"], [])
         for layer in top:

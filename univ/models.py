@@ -263,10 +263,11 @@ class LM:
         raise NotImplementedError
 
     @torch.no_grad()
-    def resid(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
-        """resid_post of the given layers: [len(layers), batch, pos, d_model], model dtype."""
+    def capture(self, modules: dict[int, nn.Module], tokens: torch.Tensor) -> torch.Tensor:
+        """The outputs of one module per layer, [len(modules), batch, pos, ...]; the forward
+        stops as soon as the deepest layer's module has run."""
         out: dict[int, torch.Tensor] = {}
-        last = max(layers)
+        last = max(modules)
 
         def hook(layer: int):
             def fn(_module, _inputs, output):
@@ -276,7 +277,7 @@ class LM:
 
             return fn
 
-        handles = [self.blocks()[layer].register_forward_hook(hook(layer)) for layer in layers]
+        handles = [module.register_forward_hook(hook(layer)) for layer, module in modules.items()]
         try:
             self.body()(input_ids=tokens.to(self.device), use_cache=False)
         except _Stop:
@@ -284,7 +285,11 @@ class LM:
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack([out[layer].to(self.dtype) for layer in layers])
+        return torch.stack([out[layer].to(self.dtype) for layer in modules])
+
+    def resid(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """resid_post of the given layers: [len(layers), batch, pos, d_model], model dtype."""
+        return self.capture({layer: self.blocks()[layer] for layer in layers}, tokens)
 
     def neurons(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """The study's 'neurons' of the given layers: [len(layers), batch, pos, width]."""
@@ -326,18 +331,9 @@ class GPTNeoXLM(LM):
     def blocks(self):
         return self.model.gpt_neox.layers
 
-    @torch.no_grad()
     def neurons(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """MLP post-activations (the output of the activation function), 4·d_model per layer."""
-        out: dict[int, torch.Tensor] = {}
-        handles = [self.blocks()[layer].mlp.act.register_forward_hook(
-            lambda m, a, o, layer=layer: out.__setitem__(layer, o)) for layer in layers]
-        try:
-            self.body()(input_ids=tokens.to(self.device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return torch.stack([out[layer] for layer in layers])
+        return self.capture({layer: self.blocks()[layer].mlp.act for layer in layers}, tokens)
 
 
 class MambaLM(LM):

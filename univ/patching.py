@@ -92,11 +92,6 @@ def last_position(model, clean: MambaRun, layer: int, state_prev=None, state_las
     return model.lm_head(backbone.norm_f(hidden.to(backbone.norm_f.weight.dtype))).float()
 
 
-def gated_y_last(run: MambaRun, layer: int) -> torch.Tensor:
-    """The gated SSM output at the last position in one run ([batch, d_inner])."""
-    return run.traces[layer].y[:, -1]
-
-
 def writes(mixer, trace: MixerTrace) -> tuple[torch.Tensor, torch.Tensor]:
     """(Ā_t, B̄_t x_t) at every position: [batch, pos, E, N] each, float32."""
     delta, A = delta_and_A(mixer, trace.dt)
