@@ -70,7 +70,10 @@ def sweep_scan(batch, length, device):
     B, C = (torch.randn(batch, length, N, device=device, generator=g).bfloat16() for _ in range(2))
     A, D, bias = -torch.rand(E, N, device=device) - 0.1, torch.randn(E, device=device), torch.randn(E, device=device)
     best = None
-    for chunk, block_e, warps, stages in itertools.product((64, 256), (64, 128, 256), (1, 4), (2, 3)):
+    # 4 channels per thread (block_e / warps = 128) keeps the states in-thread without spills;
+    # (64, 1) splits them over 2 threads, for comparison.
+    shapes = itertools.product((64, 128, 256, length), ((128, 1), (256, 2), (64, 1)), (1, 2, 3))
+    for chunk, (block_e, warps), stages in shapes:
         scan.SCAN_CONFIG.update(chunk=chunk, block_e=block_e, num_warps=warps, stages=stages)
         try:
             ms = do_bench(lambda: scan.selective_scan(x, dt, A, B, C, D, bias, z=z), warmup=5, rep=20,

@@ -15,6 +15,10 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Without CUDA, univ's Triton kernels run in Triton's interpreter, so CPU runs check them too
+# (test_triton_interpreted.py). Set before univ.scan imports Triton: jit reads it then.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # transformers' MambaConfig of Mamba-130M (random weights stand in for the checkpoint).
 MAMBA_130M = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2, conv_kernel=4,

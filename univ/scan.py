@@ -8,9 +8,10 @@ Layout everywhere: [batch, pos, channels] (channels contiguous), as the projecti
     y_t = h_t C_t + D ⊙ x_t,   times SiLU(z_t) when a gate is given
 
 Two back ends with the same signature: Triton kernels on CUDA (sequential over positions in
-registers, parallel over batch × channels, state in registers), and a vectorised PyTorch
-version for the CPU (one fused op per position, exponentials computed in blocks). Both can also
-return h_t at chosen positions, which the circuit analyses need.
+registers, parallel over batch × channels × chunks of positions, each thread holding every
+state of its channels), and a vectorised PyTorch version for the CPU (one fused op per
+position, exponentials computed in blocks). Both can also return h_t at chosen positions, which
+the circuit analyses need.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 CPU_BLOCK = 16
+LOG2_E = 1.4426950408889634
 # Triton scan launch shape: positions per chunk, channels per program, warps, pipelining depth.
-SCAN_CONFIG = {"chunk": 64, "block_e": 64, "num_warps": 1, "stages": 2}  # fastest on an H200 at 16 x 1024
+# block_e = 4 channels x 32 threads x num_warps: fewer per thread and Triton splits the states
+# over threads (shuffles for y); more and registers spill (bench/scan_sass.py shows both).
+# chunk 128 gives 16 x 12 x 8 programs at 16 x 1024, about one wave at the kernel's occupancy.
+SCAN_CONFIG = {"chunk": 128, "block_e": 128, "num_warps": 1, "stages": 2}
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -112,15 +117,20 @@ if HAVE_TRITON:
         tl.store(out_ptr + pid_b * sob + t[:, None] * sot + e[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
 
     @triton.jit
-    def _scan_chunk_kernel(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
+    def _scan_chunk_kernel(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, y_ptr,
                            hs_ptr, he_ptr, dec_ptr, h_ptr, slot_ptr,
                            T, E, P, n_chunks, sxb, sxt, sdb, sdt, szb, szt, sBb, sBt, sCb, sCt, syb, syt,
                            N: tl.constexpr, N_P2: tl.constexpr, HAS_Z: tl.constexpr, STORE_H: tl.constexpr,
                            OUTPUT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr):
         """One chunk of positions for BLOCK_E channels of one sequence.
 
+        The state tile is [d_state, channels]: Triton spreads the contiguous channel axis over
+        the threads, so each thread holds every state of its channels and the sum over states
+        for y stays in registers (no shuffles). A2 = A·log2(e), [d_state, channels], so each
+        decay is one exp2.
+
         OUTPUT=False: scan from h = 0 and write the chunk's end state and its total decay
-        Π exp(Δ_t A). OUTPUT=True: scan from the chunk's true start state and write y (and h at
+        exp(A ΣΔ_t). OUTPUT=True: scan from the chunk's true start state and write y (and h at
         the asked positions)."""
         pid_b = tl.program_id(0)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -128,56 +138,50 @@ if HAVE_TRITON:
         n = tl.arange(0, N_P2)
         emask = e < E
         nmask = n < N
-        en_mask = emask[:, None] & nmask[None, :]
-        A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_mask, other=0.0).to(tl.float32)
-        D = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
-        state_off = ((pid_b * n_chunks + c) * E + e[:, None]) * N + n[None, :]
+        mask = nmask[:, None] & emask[None, :]
+        A2 = tl.load(A2_ptr + n[:, None] * E + e[None, :], mask=mask, other=0.0)
+        D = tl.load(D_ptr + e, mask=emask, other=0.0)
+        bias = tl.load(bias_ptr + e, mask=emask, other=0.0)
+        state_off = ((pid_b * n_chunks + c) * N + n[:, None]) * E + e[None, :]
         if OUTPUT:
-            h = tl.load(hs_ptr + state_off, mask=en_mask, other=0.0)
+            h = tl.load(hs_ptr + state_off, mask=mask, other=0.0)
         else:
-            h = tl.zeros((BLOCK_E, N_P2), tl.float32)
-            log_decay = tl.zeros((BLOCK_E, N_P2), tl.float32)
+            h = tl.zeros((N_P2, BLOCK_E), tl.float32)
+            dt_sum = tl.zeros((BLOCK_E,), tl.float32)
         t0 = c * CHUNK
-        for i in tl.range(0, CHUNK, num_stages=STAGES):
-            t = t0 + i
-            valid = t < T
-            m = emask & valid
-            x = tl.load(x_ptr + pid_b * sxb + t * sxt + e, mask=m, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + pid_b * sdb + t * sdt + e, mask=m, other=0.0).to(tl.float32) + bias
+        for t in tl.range(t0, tl.minimum(t0 + CHUNK, T), num_stages=STAGES):
+            x = tl.load(x_ptr + pid_b * sxb + t * sxt + e, mask=emask, other=0.0).to(tl.float32)
+            dt = tl.load(dt_ptr + pid_b * sdb + t * sdt + e, mask=emask, other=0.0).to(tl.float32) + bias
             dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, threshold as torch's
-            dt = tl.where(valid, dt, 0.0)  # past the end: no decay, no input
-            Bv = tl.load(B_ptr + pid_b * sBb + t * sBt + n, mask=nmask & valid, other=0.0).to(tl.float32)
-            dA = dt[:, None] * A
-            h = tl.exp(dA) * h + (dt * x)[:, None] * Bv[None, :]
+            Bv = tl.load(B_ptr + pid_b * sBb + t * sBt + n, mask=nmask, other=0.0).to(tl.float32)
+            h = tl.exp2(A2 * dt[None, :]) * h + Bv[:, None] * (dt * x)[None, :]
             if OUTPUT:
-                Cv = tl.load(C_ptr + pid_b * sCb + t * sCt + n, mask=nmask & valid, other=0.0).to(tl.float32)
-                y = tl.sum(h * Cv[None, :], axis=1) + D * x
+                Cv = tl.load(C_ptr + pid_b * sCb + t * sCt + n, mask=nmask, other=0.0).to(tl.float32)
+                y = tl.sum(h * Cv[:, None], axis=0) + D * x
                 if HAS_Z:
-                    zv = tl.load(z_ptr + pid_b * szb + t * szt + e, mask=m, other=0.0).to(tl.float32)
+                    zv = tl.load(z_ptr + pid_b * szb + t * szt + e, mask=emask, other=0.0).to(tl.float32)
                     y = y * zv * tl.sigmoid(zv)
-                tl.store(y_ptr + pid_b * syb + t * syt + e, y.to(y_ptr.dtype.element_ty), mask=m)
+                tl.store(y_ptr + pid_b * syb + t * syt + e, y.to(y_ptr.dtype.element_ty), mask=emask)
                 if STORE_H:
-                    slot = tl.load(slot_ptr + t, mask=valid, other=-1)
+                    slot = tl.load(slot_ptr + t)
                     if slot >= 0:
-                        tl.store(h_ptr + ((pid_b * P + slot) * E + e[:, None]) * N + n[None, :], h, mask=en_mask)
+                        tl.store(h_ptr + ((pid_b * P + slot) * E + e[None, :]) * N + n[:, None], h, mask=mask)
             else:
-                log_decay += dA
+                dt_sum += dt
         if not OUTPUT:
-            tl.store(he_ptr + state_off, h, mask=en_mask)
-            tl.store(dec_ptr + state_off, tl.exp(log_decay), mask=en_mask)
+            tl.store(he_ptr + state_off, h, mask=mask)
+            tl.store(dec_ptr + state_off, tl.exp2(A2 * dt_sum[None, :]), mask=mask)
 
     @triton.jit
-    def _chunk_states_kernel(he_ptr, dec_ptr, hs_ptr, E, n_chunks, N: tl.constexpr, N_P2: tl.constexpr,
-                             BLOCK_E: tl.constexpr):
-        """Start state of every chunk: h_start[c] = decay[c−1] ⊙ h_start[c−1] + h_end_local[c−1]."""
+    def _chunk_states_kernel(he_ptr, dec_ptr, hs_ptr, M, n_chunks, BLOCK: tl.constexpr):
+        """Start state of every chunk: h_start[c] = decay[c−1] ⊙ h_start[c−1] + h_end_local[c−1],
+        over the M = d_state · channels numbers of one sequence's state."""
         pid_b = tl.program_id(0)
-        e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-        n = tl.arange(0, N_P2)
-        mask = (e < E)[:, None] & (n < N)[None, :]
-        h = tl.zeros((BLOCK_E, N_P2), tl.float32)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < M
+        h = tl.zeros((BLOCK,), tl.float32)
         for c in range(n_chunks):
-            off = ((pid_b * n_chunks + c) * E + e[:, None]) * N + n[None, :]
+            off = (pid_b * n_chunks + c) * M + i
             tl.store(hs_ptr + off, h, mask=mask)
             h = tl.load(dec_ptr + off, mask=mask, other=0.0) * h + tl.load(he_ptr + off, mask=mask, other=0.0)
 
@@ -188,8 +192,12 @@ def _last_dim_contiguous(*ts):
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """SiLU(causal depthwise conv) of x [B, T, E] with weight [E, K]; output [B, T, E], x's dtype."""
-    if not use_triton(x):
-        return causal_conv_silu_torch(x, weight, bias)
+    if use_triton(x):
+        return causal_conv_silu_triton(x, weight, bias)
+    return causal_conv_silu_torch(x, weight, bias)
+
+
+def causal_conv_silu_triton(x, weight, bias):
     (x,) = _last_dim_contiguous(x)
     Bt, T, E = x.shape
     K = weight.shape[1]
@@ -202,21 +210,28 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
-    """Dispatch to the Triton kernels on CUDA, else the PyTorch version (same results).
+    """Dispatch to the Triton kernels on CUDA, else the PyTorch version (same results)."""
+    if use_triton(x):
+        return selective_scan_triton(x, dt, A, B, C, D, dt_bias, z, state_positions)
+    return selective_scan_torch(x, dt, A, B, C, D, dt_bias, z, state_positions)
 
-    On CUDA the positions are cut into chunks scanned in parallel from a zero state; a short
+
+def selective_scan_triton(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
+    """selective_scan_torch's contract, on the Triton kernels.
+
+    The positions are cut into chunks scanned in parallel from a zero state; a short
     sequential pass over the chunks then gives each chunk its true start state, and a second
     parallel pass writes y. Twice the arithmetic, but T / CHUNK times the parallelism of a
-    plain sequential scan, whose speed is bound by one memory latency per position."""
-    if not use_triton(x):
-        return selective_scan_torch(x, dt, A, B, C, D, dt_bias, z, state_positions)
+    plain sequential scan, which at 4 channels per thread leaves most of a GPU idle. A chunk
+    of at least T gives that single pass."""
     x, dt, B, C = _last_dim_contiguous(x, dt, B, C)
     if z is not None:
         (z,) = _last_dim_contiguous(z)
     Bt, T, E = x.shape
     N = A.shape[1]
     cfg = SCAN_CONFIG
-    n_chunks = triton.cdiv(T, cfg["chunk"])
+    chunk = cfg["chunk"]
+    n_chunks = triton.cdiv(T, chunk)
     y = torch.empty(Bt, T, E, device=x.device, dtype=x.dtype)
     P = 0 if state_positions is None else len(state_positions)
     slots = torch.full((T,), -1, dtype=torch.int32, device=x.device)
@@ -224,20 +239,20 @@ def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
         slots[torch.as_tensor(list(state_positions), device=x.device, dtype=torch.long)] = torch.arange(
             P, device=x.device, dtype=torch.int32)
     states = torch.empty(Bt, max(P, 1), E, N, device=x.device, dtype=torch.float32)
-    h_end, decay, h_start = (torch.empty(Bt, n_chunks, E, N, device=x.device, dtype=torch.float32) for _ in range(3))
+    h_end, decay, h_start = (torch.empty(Bt, n_chunks, N, E, device=x.device, dtype=torch.float32) for _ in range(3))
     zz = z if z is not None else x
-    A32, D32, b32 = A.float().contiguous(), D.float().contiguous(), dt_bias.float().contiguous()
-    n_p2 = triton.next_power_of_2(N)
-    args = (x, dt, zz, B, C, A32, D32, b32, y, h_start, h_end, decay, states, slots, T, E, max(P, 1), n_chunks,
+    A2 = (A.float() * LOG2_E).t().contiguous()
+    D32, b32 = D.float().contiguous(), dt_bias.float().contiguous()
+    args = (x, dt, zz, B, C, A2, D32, b32, y, h_start, h_end, decay, states, slots, T, E, max(P, 1), n_chunks,
             x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1))
-    consts = dict(N=N, N_P2=n_p2, HAS_Z=z is not None, STORE_H=P > 0, CHUNK=cfg["chunk"],
+    consts = dict(N=N, N_P2=triton.next_power_of_2(N), HAS_Z=z is not None, STORE_H=P > 0, CHUNK=chunk,
                   BLOCK_E=cfg["block_e"], STAGES=cfg["stages"], num_warps=cfg["num_warps"])
     grid = (Bt, triton.cdiv(E, cfg["block_e"]), n_chunks)
     if n_chunks > 1:
         _scan_chunk_kernel[grid](*args, OUTPUT=False, **consts)
-        _chunk_states_kernel[(Bt, triton.cdiv(E, 32))](h_end, decay, h_start, E, n_chunks, N=N, N_P2=n_p2,
-                                                        BLOCK_E=32, num_warps=1)
+        _chunk_states_kernel[(Bt, triton.cdiv(N * E, 1024))](h_end, decay, h_start, N * E, n_chunks, BLOCK=1024,
+                                                              num_warps=4)
     else:
         h_start.zero_()
     _scan_chunk_kernel[grid](*args, OUTPUT=True, **consts)
