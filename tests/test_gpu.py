@@ -64,6 +64,31 @@ def test_mamba_130m_blocks_equal_transformers_on_gpu():
             assert rel(ours, out[layer]) < 1e-5, layer
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_kernel_equals_transformers_ops_on_gpu(dtype):
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    from univ.norm import add_rms_norm_triton
+
+    norm = MambaRMSNorm(768, eps=1e-5).to("cuda", dtype)
+    norm.weight.data = torch.rand(768, device="cuda").to(dtype) + 0.5
+    residual = torch.randn(4, 300, 768, device="cuda")
+    delta = torch.randn(4, 300, 768, device="cuda").to(dtype)
+    s, normed = add_rms_norm_triton(residual, delta, norm, True)
+    assert torch.equal(s, residual + delta)
+    ref = norm(s.to(dtype))
+    assert normed.dtype == dtype and rel(normed, ref) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_mamba_130m_resid_equals_transformers_on_gpu():
+    """The walk with fused block boundaries, end to end in float32: rounding only (random
+    weights amplify it with depth, as on the CPU)."""
+    model = _mamba_130m()
+    tokens = torch.randint(0, 50280, (2, 256), device="cuda")
+    for layer, (ours, ref) in enumerate(zip(mamba.resid(model, tokens, list(range(24))), _hf_resid(model, tokens))):
+        assert rel(ours, ref) < 1e-3, layer
+
+
 def test_mamba_130m_bf16_blocks_stay_close_to_fp32():
     """Stated tolerance: fed the same input, a bf16 block (bf16 weights and activations, float32
     scan state) is within 2 % (relative norm) of the float32 block. End to end, random weights

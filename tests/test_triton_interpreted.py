@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from univ import norm as norm_mod
 from univ import scan
 
 
@@ -56,3 +57,25 @@ def test_conv_kernel_equals_torch_conv(with_bias):
     x, *_ = _inputs(2, 45, 40, 4, seed=1)
     w, b = torch.randn(40, 4), (torch.randn(40) if with_bias else None)
     assert rel(scan.causal_conv_silu_triton(x, w, b), scan.causal_conv_silu_torch(x, w, b)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+@pytest.mark.parametrize("first_block", [True, False])
+def test_add_rms_norm_kernel_equals_transformers_ops(dtype, residual_in_fp32, first_block):
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    g = torch.Generator().manual_seed(2)
+    norm = MambaRMSNorm(40, eps=1e-5).to(dtype)
+    norm.weight.data = (torch.rand(40, generator=g) + 0.5).to(dtype)
+    hidden = torch.randn(3, 7, 40, generator=g)
+    hidden = hidden.to(dtype if first_block or not residual_in_fp32 else torch.float32)
+    delta = None if first_block else torch.randn(3, 7, 40, generator=g).to(dtype)
+    s, normed = norm_mod.add_rms_norm_triton(hidden, delta, norm, residual_in_fp32)
+    ref_s, ref_normed = norm_mod.add_rms_norm(hidden, delta, norm, residual_in_fp32)
+    assert s.dtype == ref_s.dtype and normed.dtype == ref_normed.dtype == dtype
+    # The interpreter truncates float32 -> bfloat16 where compiled Triton (and torch) round to
+    # nearest, so in bf16 the sum may be one unit in the last place off (test_gpu checks exactness).
+    ulp = 0 if s.dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(s, ref_s, rtol=ulp, atol=0)
+    assert rel(normed, ref_normed) < (1e-6 if dtype == torch.float32 else 1e-2)

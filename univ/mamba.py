@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import add_rms_norm
 from .scan import causal_conv_silu, selective_scan
 
 
@@ -73,15 +74,18 @@ def block_forward(block: nn.Module, hidden: torch.Tensor, trace: MixerTrace | No
 @torch.no_grad()
 def _walk(model: nn.Module, tokens: torch.Tensor, layers: list[int], traced: bool) -> dict:
     """Run the blocks up to the deepest asked layer; per asked layer, its output and (if traced)
-    its mixer's trace."""
-    backbone = model.backbone
-    hidden = backbone.embeddings(tokens)
+    its mixer's trace. Equal to block_forward layer by layer, but each block boundary (the
+    residual add and the next block's RMSNorm) is one add_rms_norm pass."""
+    blocks = model.backbone.layers[: max(layers) + 1]
     wanted, out = set(layers), {}
-    for i, block in enumerate(backbone.layers[: max(layers) + 1]):
+    residual, delta, trace = model.backbone.embeddings(tokens), None, None
+    for i, block in enumerate(blocks):
+        residual, normed = add_rms_norm(residual, delta, block.norm, block.residual_in_fp32)
+        if i - 1 in wanted:
+            out[i - 1] = (residual, trace)
         trace = MixerTrace() if traced and i in wanted else None
-        hidden = block_forward(block, hidden, trace)
-        if i in wanted:
-            out[i] = (hidden, trace)
+        delta = mixer_forward(block.mixer, normed, trace)
+    out[len(blocks) - 1] = (residual + delta, trace)
     return out
 
 
