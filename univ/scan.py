@@ -140,8 +140,8 @@ if HAVE_TRITON:
         nmask = n < N
         mask = nmask[:, None] & emask[None, :]
         A2 = tl.load(A2_ptr + n[:, None] * E + e[None, :], mask=mask, other=0.0)
-        D = tl.load(D_ptr + e, mask=emask, other=0.0)
-        bias = tl.load(bias_ptr + e, mask=emask, other=0.0)
+        D = tl.load(D_ptr + e, mask=emask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
         state_off = ((pid_b * n_chunks + c) * N + n[:, None]) * E + e[None, :]
         if OUTPUT:
             h = tl.load(hs_ptr + state_off, mask=mask, other=0.0)
@@ -233,18 +233,19 @@ def selective_scan_triton(x, dt, A, B, C, D, dt_bias, z=None, state_positions=No
     chunk = cfg["chunk"]
     n_chunks = triton.cdiv(T, chunk)
     y = torch.empty(Bt, T, E, device=x.device, dtype=x.dtype)
-    P = 0 if state_positions is None else len(state_positions)
-    slots = torch.full((T,), -1, dtype=torch.int32, device=x.device)
+    P = len(state_positions) if state_positions is not None else 0
     if P:
+        slots = torch.full((T,), -1, dtype=torch.int32, device=x.device)
         slots[torch.as_tensor(list(state_positions), device=x.device, dtype=torch.long)] = torch.arange(
             P, device=x.device, dtype=torch.int32)
-    states = torch.empty(Bt, max(P, 1), E, N, device=x.device, dtype=torch.float32)
+        states = torch.empty(Bt, P, E, N, device=x.device, dtype=torch.float32)
+    else:
+        slots = states = y  # not read: STORE_H is off
     h_end, decay, h_start = (torch.empty(Bt, n_chunks, N, E, device=x.device, dtype=torch.float32) for _ in range(3))
     zz = z if z is not None else x
     A2 = (A.float() * LOG2_E).t().contiguous()
-    D32, b32 = D.float().contiguous(), dt_bias.float().contiguous()
-    args = (x, dt, zz, B, C, A2, D32, b32, y, h_start, h_end, decay, states, slots, T, E, max(P, 1), n_chunks,
-            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+    args = (x, dt, zz, B, C, A2, D.contiguous(), dt_bias.contiguous(), y, h_start, h_end, decay, states, slots,
+            T, E, max(P, 1), n_chunks, x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1))
     consts = dict(N=N, N_P2=triton.next_power_of_2(N), HAS_Z=z is not None, STORE_H=P > 0, CHUNK=chunk,
                   BLOCK_E=cfg["block_e"], STAGES=cfg["stages"], num_warps=cfg["num_warps"])
