@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import MAMBA_130M
-from univ import mamba, models
-from univ.scan import causal_conv_silu_torch, selective_scan_torch
+from univ import mamba, models, scan_compiled
+from univ.scan import causal_conv_silu_torch, selective_scan, selective_scan_torch
 
 
 def _random_mamba(**cfg):
@@ -72,3 +72,39 @@ def test_causal_conv_matches_torch_conv1d():
     x, w, b = torch.randn(2, 9, 5, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
     ref = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None, :], b, padding=3, groups=5)[..., :9]
     torch.testing.assert_close(causal_conv_silu_torch(x, w, b), torch.nn.functional.silu(ref).transpose(1, 2))
+
+
+def _scan_inputs(Bt, T, E, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(Bt, T, 2 * E, generator=g)
+    dbl = torch.randn(Bt, T, 2 * N, generator=g)
+    A = -torch.rand(E, N, generator=g) * 4 - 0.1
+    return (xz[..., :E], torch.randn(Bt, T, E, generator=g), A, dbl[..., :N], dbl[..., N:],
+            torch.randn(E, generator=g), torch.randn(E, generator=g), xz[..., E:])
+
+
+def test_compiled_cpu_scan_equals_the_eager_one(monkeypatch):
+    """Large CPU scans without states go through torch.compile; a length that is not a whole
+    number of compiled blocks is padded with Δ = 0."""
+    monkeypatch.setattr(scan_compiled, "MIN_UPDATES", 0)
+    monkeypatch.setattr(scan_compiled, "_failed", False)
+    x, dt, A, B, C, D, bias, z = _scan_inputs(2, 45, 40, 5)
+    y, states = selective_scan(x, dt, A, B, C, D, bias, z=z)
+    if scan_compiled._failed:
+        pytest.skip("torch.compile's C++ backend does not work here; univ falls back to the eager scan")
+    assert states is None
+    torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_cpu_scan_falls_back_to_the_eager_one(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(scan_compiled, "MIN_UPDATES", 0)
+    monkeypatch.setattr(scan_compiled, "_failed", False)
+    monkeypatch.setattr(scan_compiled, "_compiled", broken)
+    x, dt, A, B, C, D, bias, z = _scan_inputs(1, 20, 8, 4)
+    with pytest.warns(UserWarning, match="compiled CPU scan unavailable"):
+        y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)
+    assert scan_compiled._failed
+    torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0])

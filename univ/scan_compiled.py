@@ -1,0 +1,70 @@
+"""The selective scan on the CPU, fused by torch.compile (Inductor's C++ backend).
+
+Eager PyTorch runs a block of positions as about six passes over a [batch, block, channels,
+d_state] buffer (the decay, its exp, the input, the recurrence, y's product and its sum), each
+bound by memory. Compiled, a block is one loop over channels that keeps the states in
+registers. Compiling takes ~20 s the first time in a process tree (Inductor caches the result on
+disk), so only scans of at least MIN_UPDATES state updates use it, and a failure to compile (no
+C++ compiler, say) turns it off for the process: the eager scan gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 16
+"""Positions per compiled call, unrolled in the compiled graph."""
+MIN_UPDATES = 1 << 22
+"""batch · positions · channels · d_state below which the eager scan is used (no compile)."""
+
+_compiled = None
+_failed = False
+
+
+def _block(h, delta, dx, B, C, A):
+    """BLOCK positions of the recurrence from state h [Bt, E, N]; Δ and Δ·x [Bt, BLOCK, E];
+    B, C [Bt, BLOCK, N]. Returns the state after the block and C·h [Bt, BLOCK, E]. (Δ's
+    softplus and the gate stay outside: compiled in, they are recomputed for every state.)"""
+    ys = []
+    for j in range(BLOCK):
+        h = torch.exp(delta[:, j, :, None] * A) * h + dx[:, j, :, None] * B[:, j, None, :]
+        ys.append((h * C[:, j, None, :]).sum(-1))
+    return h, torch.stack(ys, 1)
+
+
+def worth_it(x: torch.Tensor, A: torch.Tensor) -> bool:
+    return not _failed and x.device.type == "cpu" and x.numel() * A.shape[1] >= MIN_UPDATES
+
+
+def selective_scan_compiled(x, dt, A, B, C, D, dt_bias, z=None) -> torch.Tensor | None:
+    """y of scan.selective_scan_torch (no states), or None once compiling has failed."""
+    global _compiled, _failed
+    if _compiled is None:
+        _compiled = torch.compile(_block, dynamic=True)
+    Bt, T, E = x.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    delta = F.softplus(dt.to(acc) + dt_bias.to(acc))
+    dx = delta * x.to(acc)
+    B, C = B.to(acc), C.to(acc)
+    pad = -T % BLOCK
+    if pad:  # past the end Δ = 0: the state neither decays nor takes input
+        delta, dx, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (delta, dx, B, C))
+    h = torch.zeros(Bt, E, A.shape[1], dtype=acc)
+    A = A.to(acc)
+    ys = []
+    try:
+        for t0 in range(0, T + pad, BLOCK):
+            s = slice(t0, t0 + BLOCK)
+            h, y = _compiled(h, delta[:, s], dx[:, s], B[:, s], C[:, s], A)
+            ys.append(y)
+    except Exception as e:  # Inductor raises many types for a missing or failing C++ compiler
+        _failed = True
+        warnings.warn(f"compiled CPU scan unavailable, using the eager one ({type(e).__name__})", stacklevel=2)
+        return None
+    y = torch.cat(ys, 1)[:, :T] + D.to(acc) * x.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype)
