@@ -10,8 +10,8 @@ Layout everywhere: [batch, pos, channels] (channels contiguous), as the projecti
 Two back ends with the same signature: Triton kernels on CUDA (sequential over positions in
 registers, parallel over batch × channels × chunks of positions, each thread holding every
 state of its channels), and a vectorised PyTorch version for the CPU (one fused op per
-position, exponentials computed in blocks). Both can also return h_t at chosen positions, which
-the circuit analyses need.
+position, exponentials computed in blocks; large scans go through scan_compiled instead). Both
+can also return h_t at chosen positions, which the circuit analyses need.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Eager PyTorch runs a block of positions as about six passes over a [batch, block, channels,
 d_state] buffer (the decay, its exp, the input, the recurrence, y's product and its sum), each
 bound by memory. Compiled, a block is one loop over channels that keeps the states in
-registers. Compiling takes ~20 s the first time in a process tree (Inductor caches the result on
+registers. Compiling takes ~30 s the first time on a machine (Inductor caches the result on
 disk), so only scans of at least MIN_UPDATES state updates use it, and a failure to compile (no
 C++ compiler, say) turns it off for the process: the eager scan gives the same numbers.
 """
