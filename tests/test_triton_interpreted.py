@@ -52,6 +52,16 @@ def test_scan_kernel_equals_torch_scan(monkeypatch, chunk, N):
     assert rel(y_plain, scan.selective_scan_torch(x, dt, A, B, C, D, bias)[0]) < 1e-6
 
 
+def test_scan_kernel_reads_and_writes_bf16(monkeypatch):
+    """bf16 activations, as the study caches them: y within bf16 rounding of the float32 scan."""
+    monkeypatch.setitem(scan.SCAN_CONFIG, "chunk", 16)
+    x, z, dt, B, C, A, D, bias = (t.bfloat16() if t.dim() == 3 else t for t in _inputs(2, 45, 40, 16))
+    y, _ = scan.selective_scan_triton(x, dt, A, B, C, D.bfloat16(), bias.bfloat16(), z=z)
+    ref, _ = scan.selective_scan_torch(x.float(), dt.float(), A, B.float(), C.float(), D.bfloat16().float(),
+                                       bias.bfloat16().float(), z=z.float())
+    assert y.dtype == torch.bfloat16 and rel(y, ref) < 1e-2
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv_kernel_equals_torch_conv(with_bias):
     x, *_ = _inputs(2, 45, 40, 4, seed=1)
