@@ -102,7 +102,7 @@ def test_compiled_cpu_scan_falls_back_to_the_eager_one(monkeypatch):
 
     monkeypatch.setattr(scan_compiled, "MIN_UPDATES", 0)
     monkeypatch.setattr(scan_compiled, "_failed", False)
-    monkeypatch.setattr(scan_compiled, "_compiled", broken)
+    monkeypatch.setattr(scan_compiled, "_compiled", (broken, broken, broken))
     x, dt, A, B, C, D, bias, z = _scan_inputs(1, 20, 8, 4)
     with pytest.warns(UserWarning, match="compiled CPU scan unavailable"):
         y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)

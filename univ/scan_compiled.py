@@ -27,12 +27,22 @@ _failed = False
 def _block(h, delta, dx, B, C, A):
     """BLOCK positions of the recurrence from state h [Bt, E, N]; Δ and Δ·x [Bt, BLOCK, E];
     B, C [Bt, BLOCK, N]. Returns the state after the block and C·h [Bt, BLOCK, E]. (Δ's
-    softplus and the gate stay outside: compiled in, they are recomputed for every state.)"""
+    softplus and the gate are compiled apart: in here Inductor recomputes them for every state.)"""
     ys = []
     for j in range(BLOCK):
         h = torch.exp(delta[:, j, :, None] * A) * h + dx[:, j, :, None] * B[:, j, None, :]
         ys.append((h * C[:, j, None, :]).sum(-1))
     return h, torch.stack(ys, 1)
+
+
+def _prologue(dt, x, dt_bias):
+    delta = F.softplus(dt + dt_bias)
+    return delta, delta * x
+
+
+def _epilogue(y, x, z, D):
+    y = y + D * x
+    return y * F.silu(z) if z is not None else y
 
 
 def worth_it(x: torch.Tensor, A: torch.Tensor) -> bool:
@@ -43,28 +53,29 @@ def selective_scan_compiled(x, dt, A, B, C, D, dt_bias, z=None) -> torch.Tensor 
     """y of scan.selective_scan_torch (no states), or None once compiling has failed."""
     global _compiled, _failed
     if _compiled is None:
-        _compiled = torch.compile(_block, dynamic=True)
-    Bt, T, E = x.shape
-    acc = torch.promote_types(x.dtype, torch.float32)
-    delta = F.softplus(dt.to(acc) + dt_bias.to(acc))
-    dx = delta * x.to(acc)
-    B, C = B.to(acc), C.to(acc)
-    pad = -T % BLOCK
-    if pad:  # past the end Δ = 0: the state neither decays nor takes input
-        delta, dx, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (delta, dx, B, C))
-    h = torch.zeros(Bt, E, A.shape[1], dtype=acc)
-    A = A.to(acc)
-    ys = []
+        _compiled = tuple(torch.compile(f, dynamic=True) for f in (_prologue, _block, _epilogue))
     try:
-        for t0 in range(0, T + pad, BLOCK):
-            s = slice(t0, t0 + BLOCK)
-            h, y = _compiled(h, delta[:, s], dx[:, s], B[:, s], C[:, s], A)
-            ys.append(y)
+        return _scan(*_compiled, x, dt, A, B, C, D, dt_bias, z)
     except Exception as e:  # Inductor raises many types for a missing or failing C++ compiler
         _failed = True
         warnings.warn(f"compiled CPU scan unavailable, using the eager one ({type(e).__name__})", stacklevel=2)
         return None
-    y = torch.cat(ys, 1)[:, :T] + D.to(acc) * x.to(acc)
-    if z is not None:
-        y = y * F.silu(z.to(acc))
+
+
+def _scan(prologue, block, epilogue, x, dt, A, B, C, D, dt_bias, z):
+    Bt, T, E = x.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    delta, dx = prologue(dt.to(acc), xa, dt_bias.to(acc))
+    B, C, A = B.to(acc), C.to(acc), A.to(acc)
+    pad = -T % BLOCK
+    if pad:  # past the end Δ = 0: the state neither decays nor takes input
+        delta, dx, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (delta, dx, B, C))
+    h = torch.zeros(Bt, E, A.shape[1], dtype=acc)
+    ys = []
+    for t0 in range(0, T + pad, BLOCK):
+        s = slice(t0, t0 + BLOCK)
+        h, y = block(h, delta[:, s], dx[:, s], B[:, s], C[:, s], A)
+        ys.append(y)
+    y = epilogue(torch.cat(ys, 1)[:, :T], xa, z.to(acc) if z is not None else None, D.to(acc))
     return y.to(x.dtype)
