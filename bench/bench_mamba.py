@@ -1,8 +1,9 @@
 """Tokens/s of the activation-cache forward: Pythia-160M vs Mamba-130M (random weights, real
 configs), through univ and through transformers' own Mamba fallback, in one run.
 
-    python bench/bench_mamba.py                    # GPU: batch 16 x 1024, bf16
-    python bench/bench_mamba.py --batch 1 --len 256 --reps 2    # the CPU
+    python bench/bench_mamba.py                    # GPU: batch 16 x 1024, bf16; CPU: 1 x 256, fp32
+    python bench/bench_mamba.py --sweep --parts    # GPU: first the scan's launch shapes, then
+                                                   # where one Mamba layer's time goes
 """
 
 from __future__ import annotations
@@ -78,6 +79,43 @@ def eager_scan(fn):
         scan_compiled.MIN_UPDATES = saved
 
 
+def layer_parts(model, tokens, reps, device):
+    """Median milliseconds of each step of one Mamba layer (layer 1: a float32 residual in)."""
+    import torch.nn.functional as F
+
+    from univ.norm import add_rms_norm
+
+    block = model.backbone.layers[1]
+    mx = block.mixer
+    E, R, N = mx.intermediate_size, mx.time_step_rank, mx.ssm_state_size
+    u = model.backbone.embeddings(tokens)
+    resid = u.float()
+    xz = F.linear(u, mx.in_proj.weight)
+    x, z = xz[..., :E], xz[..., E:]
+    w = mx.conv1d.weight.squeeze(1)
+    xc = scan.causal_conv_silu(x, w, mx.conv1d.bias)
+    dbl = F.linear(xc, mx.x_proj.weight)
+    dt = F.linear(dbl[..., :R], mx.dt_proj.weight)
+    A = -torch.exp(mx.A_log.float())
+    y, _ = scan.selective_scan(xc, dt, A, dbl[..., R:R + N], dbl[..., R + N:], mx.D, mx.dt_proj.bias, z=z)
+    steps = {
+        "residual add + RMSNorm": lambda: add_rms_norm(resid, u, block.norm, True),
+        "in_proj": lambda: F.linear(u, mx.in_proj.weight),
+        "conv + SiLU": lambda: scan.causal_conv_silu(x, w, mx.conv1d.bias),
+        "x_proj": lambda: F.linear(xc, mx.x_proj.weight),
+        "dt_proj": lambda: F.linear(dbl[..., :R], mx.dt_proj.weight),
+        "A = -exp(A_log)": lambda: -torch.exp(mx.A_log.float()),
+        "selective scan": lambda: scan.selective_scan(xc, dt, A, dbl[..., R:R + N], dbl[..., R + N:], mx.D,
+                                                      mx.dt_proj.bias, z=z),
+        "out_proj": lambda: F.linear(y, mx.out_proj.weight),
+    }
+    ms = {k: tokens.numel() / v * 1e3 for k, v in tokens_per_s({k: (lambda t, f=f: f()) for k, f in steps.items()},
+                                                               tokens, reps, device).items()}
+    for k, v in ms.items():
+        print(f"  {k:24} {v:8.3f} ms per layer")
+    print(f"  {'sum':24} {sum(ms.values()):8.3f} ms per layer, x{len(model.backbone.layers)} layers")
+
+
 def sweep_scan(batch, length, device):
     """Time the Triton scan alone over launch shapes; keep the fastest in scan.SCAN_CONFIG."""
     import itertools
@@ -116,6 +154,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-hf-mamba", action="store_true", help="transformers' fallback is slow; skip it")
     ap.add_argument("--sweep", action="store_true", help="first time the Triton scan's launch shapes (GPU)")
+    ap.add_argument("--parts", action="store_true", help="then time each step of one Mamba layer")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     if args.sweep and cuda:
@@ -147,6 +186,10 @@ def main():
         print(f"  with the eager CPU scan:             {tps['mamba-130m (univ, eager scan)'] / univ_p:.3f}")
     if "mamba-130m (transformers)" in tps:
         print(f"ratio univ Mamba / transformers Mamba: {univ_m / tps['mamba-130m (transformers)']:.1f}")
+    if args.parts:
+        print("one Mamba-130M layer, step by step:")
+        with torch.no_grad():
+            layer_parts(mam, tokens, args.reps, device)
 
 
 if __name__ == "__main__":

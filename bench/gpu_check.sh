@@ -10,7 +10,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 for part in $parts; do
   case $part in
     tests) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
-    mamba) timeout 300 python3 bench/bench_mamba.py --sweep 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/bench_mamba.log" | grep -v "^scan {" ;;
+    mamba) timeout 300 python3 bench/bench_mamba.py --sweep --parts 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/bench_mamba.log" | grep -v "^scan {" ;;
     sae) timeout 120 python3 bench/bench_sae.py 2>&1 | grep -v Warning | tee "$OUT/bench_sae.log" ;;
     match) timeout 240 python3 bench/bench_match.py 2>&1 | tee "$OUT/bench_match.log" ;;
     circuits) timeout 240 python3 bench/bench_circuits.py 2>&1 | tee "$OUT/bench_circuits.log" ;;
