@@ -83,26 +83,40 @@ def _scan_inputs(Bt, T, E, N, seed=0):
             torch.randn(E, generator=g), torch.randn(E, generator=g), xz[..., E:])
 
 
-def test_compiled_cpu_scan_equals_the_eager_one(monkeypatch):
-    """Large CPU scans without states go through torch.compile; a length that is not a whole
-    number of compiled blocks is padded with Δ = 0."""
-    monkeypatch.setattr(scan_compiled, "MIN_UPDATES", 0)
-    monkeypatch.setattr(scan_compiled, "_failed", False)
+@pytest.fixture
+def fresh_cpu_scan(monkeypatch):
+    """scan_compiled as a new process finds it, with every CPU scan counted as large."""
+    for name, value in (("MIN_UPDATES", 0), ("_compiled", None), ("_failed", False), ("_eager_s", 0.0)):
+        monkeypatch.setattr(scan_compiled, name, value)
+    return monkeypatch
+
+
+def test_cpu_scan_stays_eager_until_it_has_taken_a_while(fresh_cpu_scan):
+    fresh_cpu_scan.setattr(scan_compiled, "COMPILE_AFTER_S", 3600.0)
+    x, dt, A, B, C, D, bias, z = _scan_inputs(1, 20, 8, 4)
+    y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)
+    assert scan_compiled._compiled is None and scan_compiled._eager_s > 0
+    torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0])
+
+
+def test_compiled_cpu_scan_equals_the_eager_one(fresh_cpu_scan):
+    """Once compiling has paid off, large CPU scans without states go through torch.compile; a
+    length that is not a whole number of compiled blocks is padded with Δ = 0."""
+    fresh_cpu_scan.setattr(scan_compiled, "COMPILE_AFTER_S", 0.0)
     x, dt, A, B, C, D, bias, z = _scan_inputs(2, 45, 40, 5)
     y, states = selective_scan(x, dt, A, B, C, D, bias, z=z)
     if scan_compiled._failed:
         pytest.skip("torch.compile's C++ backend does not work here; univ falls back to the eager scan")
-    assert states is None
+    assert states is None and scan_compiled._compiled is not None and scan_compiled._eager_s == 0
     torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_cpu_scan_falls_back_to_the_eager_one(monkeypatch):
+def test_compiled_cpu_scan_falls_back_to_the_eager_one(fresh_cpu_scan):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(scan_compiled, "MIN_UPDATES", 0)
-    monkeypatch.setattr(scan_compiled, "_failed", False)
-    monkeypatch.setattr(scan_compiled, "_compiled", (broken, broken, broken))
+    fresh_cpu_scan.setattr(scan_compiled, "COMPILE_AFTER_S", 0.0)
+    fresh_cpu_scan.setattr(scan_compiled, "_compiled", (broken, broken, broken))
     x, dt, A, B, C, D, bias, z = _scan_inputs(1, 20, 8, 4)
     with pytest.warns(UserWarning, match="compiled CPU scan unavailable"):
         y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)

@@ -212,14 +212,13 @@ def causal_conv_silu_triton(x, weight, bias):
 
 
 def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
-    """Dispatch to the Triton kernels on CUDA; on the CPU, to the compiled scan for large scans
-    without states, else the PyTorch version. The same results from each."""
+    """Dispatch to the Triton kernels on CUDA; on the CPU, large scans without states to
+    scan_compiled (eager, then compiled once a process has spent a while on them), else the
+    PyTorch version. The same results from each."""
     if use_triton(x):
         return selective_scan_triton(x, dt, A, B, C, D, dt_bias, z, state_positions)
-    if state_positions is None and scan_compiled.worth_it(x, A):
-        y = scan_compiled.selective_scan_compiled(x, dt, A, B, C, D, dt_bias, z)
-        if y is not None:
-            return y, None
+    if state_positions is None and scan_compiled.large(x, A):
+        return scan_compiled.selective_scan_cpu(x, dt, A, B, C, D, dt_bias, z), None
     return selective_scan_torch(x, dt, A, B, C, D, dt_bias, z, state_positions)
 
 

@@ -3,13 +3,19 @@
 Eager PyTorch runs a block of positions as about six passes over a [batch, block, channels,
 d_state] buffer (the decay, its exp, the input, the recurrence, y's product and its sum), each
 bound by memory. Compiled, a block is one loop over channels that keeps the states in
-registers. Compiling takes ~30 s the first time on a machine (Inductor caches the result on
-disk), so only scans of at least MIN_UPDATES state updates use it, and a failure to compile (no
-C++ compiler, say) turns it off for the process: the eager scan gives the same numbers.
+registers, about twice as fast.
+
+Compiling costs ~30 s the first time on a machine and ~8 s from Inductor's disk cache: more
+than a small job takes whole. So a process scans eagerly until its large scans (at least
+MIN_UPDATES state updates each) have taken COMPILE_AFTER_S seconds, then compiles: a job never
+loses more than that to compiling early, and a long one runs at the compiled speed. A failure
+to compile (no C++ compiler, say) turns it off for the process; the eager scan gives the same
+numbers.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -18,10 +24,13 @@ import torch.nn.functional as F
 BLOCK = 16
 """Positions per compiled call, unrolled in the compiled graph."""
 MIN_UPDATES = 1 << 22
-"""batch · positions · channels · d_state below which the eager scan is used (no compile)."""
+"""batch · positions · channels · d_state below which a scan is always eager."""
+COMPILE_AFTER_S = 30.0
+"""Seconds of large eager scans after which the process compiles (0: at the first one)."""
 
 _compiled = None
 _failed = False
+_eager_s = 0.0
 
 
 def _block(h, delta, dx, B, C, A):
@@ -45,21 +54,29 @@ def _epilogue(y, x, z, D):
     return y * F.silu(z) if z is not None else y
 
 
-def worth_it(x: torch.Tensor, A: torch.Tensor) -> bool:
-    return not _failed and x.device.type == "cpu" and x.numel() * A.shape[1] >= MIN_UPDATES
+def large(x: torch.Tensor, A: torch.Tensor) -> bool:
+    """A CPU scan big enough to count towards compiling, and to run compiled."""
+    return x.device.type == "cpu" and x.numel() * A.shape[1] >= MIN_UPDATES
 
 
-def selective_scan_compiled(x, dt, A, B, C, D, dt_bias, z=None) -> torch.Tensor | None:
-    """y of scan.selective_scan_torch (no states), or None once compiling has failed."""
-    global _compiled, _failed
-    if _compiled is None:
-        _compiled = tuple(torch.compile(f, dynamic=True) for f in (_prologue, _block, _epilogue))
-    try:
-        return _scan(*_compiled, x, dt, A, B, C, D, dt_bias, z)
-    except Exception as e:  # Inductor raises many types for a missing or failing C++ compiler
-        _failed = True
-        warnings.warn(f"compiled CPU scan unavailable, using the eager one ({type(e).__name__})", stacklevel=2)
-        return None
+def selective_scan_cpu(x, dt, A, B, C, D, dt_bias, z=None) -> torch.Tensor:
+    """y of scan.selective_scan_torch (no states): eager until this process's large scans have
+    taken COMPILE_AFTER_S seconds, compiled from then on."""
+    global _compiled, _failed, _eager_s
+    if _eager_s >= COMPILE_AFTER_S and not _failed:
+        if _compiled is None:
+            _compiled = tuple(torch.compile(f, dynamic=True) for f in (_prologue, _block, _epilogue))
+        try:
+            return _scan(*_compiled, x, dt, A, B, C, D, dt_bias, z)
+        except Exception as e:  # Inductor raises many types for a missing or failing C++ compiler
+            _failed = True
+            warnings.warn(f"compiled CPU scan unavailable, using the eager one ({type(e).__name__})", stacklevel=2)
+    from .scan import selective_scan_torch
+
+    start = time.perf_counter()
+    y, _ = selective_scan_torch(x, dt, A, B, C, D, dt_bias, z)
+    _eager_s += time.perf_counter() - start
+    return y
 
 
 def _scan(prologue, block, epilogue, x, dt, A, B, C, D, dt_bias, z):
