@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from univ import scan  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-HALF = {"x_ptr", "dt_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr"}  # bf16 activations, as in the study
+HALF = {"x_ptr", "dt_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr", "D_ptr", "bias_ptr"}  # a bf16 model, as in the study
 
 
 def compile_scan(output: bool, block_e: int, warps: int, stages: int, chunk: int, n: int, arch: int):
@@ -83,7 +83,8 @@ def main():
     ap.add_argument("--stages", type=int, default=cfg["stages"])
     ap.add_argument("--chunk", type=int, default=cfg["chunk"])
     ap.add_argument("--d-state", type=int, default=16)
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--arch", type=int, default=90,
+                    help="compute capability x 10 (90: H100/H200; 80, 89 work too, newer SASS is not parsed)")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}, bf16 inputs, stages {args.stages}")
     print(f"{'pass':7} {'block_e':>7} {'warps':>5} {'regs':>4} {'loop':>5} {'per update':>10} "
