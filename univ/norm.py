@@ -61,9 +61,9 @@ def add_rms_norm_triton(hidden, delta, norm, residual_in_fp32):
     s = torch.empty(hidden.shape, device=hidden.device, dtype=s_dtype)
     normed = torch.empty(hidden.shape, device=hidden.device, dtype=w.dtype)
     n_rows = hidden.numel() // D
-    rows = 4
+    block_d = triton.next_power_of_2(D)
+    rows = max(1, 4096 // block_d)  # ~32 numbers a thread: 4 rows of Mamba-130M, 1 of Mamba-2.8B
     _add_rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
         hidden, delta.contiguous() if delta is not None else hidden, w, s, normed, n_rows, D,
-        norm.variance_epsilon, HAS_DELTA=delta is not None, BLOCK_D=triton.next_power_of_2(D), ROWS=rows,
-        num_warps=4)
+        norm.variance_epsilon, HAS_DELTA=delta is not None, BLOCK_D=block_d, ROWS=rows, num_warps=4)
     return s, normed
