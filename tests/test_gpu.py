@@ -6,6 +6,7 @@ import torch
 
 from conftest import MAMBA_130M
 from test_mamba import _hf_resid, _random_mamba
+from test_sae import dense_topk
 from univ import mamba, scan
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and scan.HAVE_TRITON), reason="needs CUDA and Triton")
@@ -121,10 +122,7 @@ def test_topk_sae_sparse_backward_on_gpu():
     loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    xn = x / sae.scale(x)
-    pre = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc
-    idx = pre.topk(32, dim=-1).indices
-    f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(-1, idx)))
+    xn, _, f = dense_topk(sae, x, 32)
     dense_loss = ((f @ sae.W_dec + sae.b_dec - xn) ** 2).sum(-1).mean()
     dense_loss.backward()
     for name, p in sae.named_parameters():

@@ -66,6 +66,14 @@ def test_bad_configs(kw, message):
         SAE(SAEConfig(d_in=16, d_sae=48, **kw))
 
 
+def dense_topk(sae, x, k):
+    """The plain autograd TopK forward: (normalised x, pre-activations, dense features)."""
+    xn = x / sae.scale(x)
+    pre = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc
+    idx = pre.topk(k, dim=-1).indices
+    return xn, pre, torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(-1, idx)))
+
+
 def test_sparse_topk_backward_equals_dense_autograd():
     from univ.sae_train import TrainConfig, step_loss
 
@@ -80,10 +88,7 @@ def test_sparse_topk_backward_equals_dense_autograd():
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
 
     sae.zero_grad()
-    xn = x / sae.scale(x)
-    pre = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc
-    idx = pre.topk(5, dim=-1).indices
-    f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(-1, idx)))
+    xn, pre, f = dense_topk(sae, x, 5)
     x_hat = f @ sae.W_dec + sae.b_dec
     mse = (x_hat - xn).pow(2).sum(-1).mean()
     resid = (xn - x_hat).detach()

@@ -247,7 +247,12 @@ def selective_scan_triton(x, dt, A, B, C, D, dt_bias, z=None, state_positions=No
         states = torch.empty(Bt, P, E, N, device=x.device, dtype=torch.float32)
     else:
         slots = states = y  # not read: STORE_H is off
-    h_end, decay, h_start = (torch.empty(Bt, n_chunks, N, E, device=x.device, dtype=torch.float32) for _ in range(3))
+    if n_chunks > 1:
+        h_end, decay, h_start = (torch.empty(Bt, n_chunks, N, E, device=x.device, dtype=torch.float32)
+                                 for _ in range(3))
+    else:  # one pass from h = 0; the states pass and its buffers are not needed
+        h_start = torch.zeros(Bt, 1, N, E, device=x.device, dtype=torch.float32)
+        h_end = decay = h_start
     zz = z if z is not None else x
     A2 = (A.float() * LOG2_E).t().contiguous()
     args = (x, dt, zz, B, C, A2, D.contiguous(), dt_bias.contiguous(), y, h_start, h_end, decay, states, slots,
@@ -260,7 +265,5 @@ def selective_scan_triton(x, dt, A, B, C, D, dt_bias, z=None, state_positions=No
         _scan_chunk_kernel[grid](*args, OUTPUT=False, **consts)
         _chunk_states_kernel[(Bt, triton.cdiv(N * E, 1024))](h_end, decay, h_start, N * E, n_chunks, BLOCK=1024,
                                                               num_warps=4)
-    else:
-        h_start.zero_()
     _scan_chunk_kernel[grid](*args, OUTPUT=True, **consts)
     return y, (states if P else None)
