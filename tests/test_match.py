@@ -56,6 +56,25 @@ def test_dead_features_score_zero_and_are_flagged():
     assert pm.a_value[0] == pytest.approx(1.0) and pm.a_value[1] == 0 and pm.a_value[2] == 0
 
 
+def test_rare_co_firing_features_keep_their_correlation_and_only_constants_score_zero():
+    """The authors' floor is on sqrt((nΣa² − (Σa)²)(nΣb² − (Σb)²)): at n = 1M it never touches two
+    features that fire together on 3 tokens (a floor on var_a·var_b per token would give ~0.3)."""
+    n = 1_000_000
+    a, b = torch.zeros(n, 3), torch.zeros(n, 2)
+    a[[10, 20, 30], 0] = 0.3
+    b[[10, 20, 30], 0] = torch.tensor([0.3, 0.3, 0.2])
+    b[[10, 999_999], 1] = 0.3
+    a[:, 2] = 0.7  # constant but not dead
+    expected = np.corrcoef(a[:, 0].double().numpy(), b.double().numpy().T)[0, 1:]
+    assert expected[0] > 0.9
+    corr = _corr(a, b)
+    np.testing.assert_allclose(corr[0], expected, atol=1e-9)
+    assert (corr[1:] == 0).all()  # the dead feature and the constant one
+    ea, eb = _encode(a, True), _encode(b, True)
+    assert ea.constant.tolist() == [False, True, True] and ea.fires.tolist() == [True, False, True]
+    assert pair_max(ea, eb).a_value[0].item() == pytest.approx(expected[0], abs=1e-9)
+
+
 def _synthetic_pair(tmp_path, n=6000, d=48, shared=12, private=6, seed=0, tokens_key="tok"):
     """Two 'models' that embed the same sparse latents through different random linear maps,
     plus latents of their own; their 'SAEs' are the exact sparse codes."""

@@ -17,7 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-CLAMP = 1e-12  # the authors' floor on the variance product: a dead feature scores 0
+CLAMP = 1e-12
+"""The authors' floor on the denominator sqrt((nΣf² − (Σf)²)(nΣg² − (Σg)²)), in those n²-scaled
+units (feature/cal_cor/cal_correlation.py): it only ever catches a feature that is constant."""
 
 
 class Encoded(NamedTuple):
@@ -33,6 +35,8 @@ class Encoded(NamedTuple):
     sum_sq: torch.Tensor
     fires: torch.Tensor
     """Bool [F]: the feature is non-zero on at least one token."""
+    constant: torch.Tensor
+    """Bool [F]: the feature takes one value on every token of the window (its correlations are 0)."""
 
     @property
     def is_sparse(self) -> bool:
@@ -44,11 +48,15 @@ def encode_window(batches, width: int, sparse: bool, device) -> Encoded:
     rows, cols, vals, dense = [], [], [], []
     s = torch.zeros(width, dtype=torch.float64, device=device)
     s2 = torch.zeros(width, dtype=torch.float64, device=device)
+    lo = torch.full((width,), float("inf"), dtype=torch.float64, device=device)
+    hi = torch.full((width,), float("-inf"), dtype=torch.float64, device=device)
     n = 0
     for f in batches:
         f64 = f.double()
         s += f64.sum(0)
         s2 += f64.pow(2).sum(0)
+        lo = torch.minimum(lo, f64.amin(0))
+        hi = torch.maximum(hi, f64.amax(0))
         if sparse:
             r, c = f.nonzero(as_tuple=True)
             rows.append((r + n).int())
@@ -57,10 +65,10 @@ def encode_window(batches, width: int, sparse: bool, device) -> Encoded:
         else:
             dense.append(f)
         n += len(f)
-    fires = s2 > 0
+    fires, constant = s2 > 0, lo == hi
     if sparse:
-        return Encoded(n, width, torch.cat(rows), torch.cat(cols), torch.cat(vals), None, s, s2, fires)
-    return Encoded(n, width, None, None, None, torch.cat(dense), s, s2, fires)
+        return Encoded(n, width, torch.cat(rows), torch.cat(cols), torch.cat(vals), None, s, s2, fires, constant)
+    return Encoded(n, width, None, None, None, torch.cat(dense), s, s2, fires, constant)
 
 
 def cross_moment(a: Encoded, b: Encoded, block_rows: int = 8192) -> torch.Tensor:
@@ -113,14 +121,19 @@ class PairMax(NamedTuple):
 
 
 def correlation(a: Encoded, b: Encoded, cross: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """Pearson correlations (float64) of A's features (optionally a slice of them) with all of B's."""
+    """Pearson correlations (float64) of A's features (optionally a slice of them) with all of B's,
+    as the authors computed them: (nΣfg − ΣfΣg) / max(sqrt((nΣf² − (Σf)²)(nΣg² − (Σg)²)), 1e-12).
+
+    A constant feature (a dead one, above all) scores exactly 0, whatever float64 rounding leaves
+    in its variance; every other pair gets its true correlation, however rarely both fire."""
     rows = rows or slice(0, a.width)
     n = a.n
-    mean_a, mean_b = a.sum[rows] / n, b.sum / n
-    var_a = (a.sum_sq[rows] / n - mean_a ** 2).clamp_min(0)
-    var_b = (b.sum_sq / n - mean_b ** 2).clamp_min(0)
-    cov = cross[rows] / n - mean_a[:, None] * mean_b[None, :]
-    return cov / torch.sqrt((var_a[:, None] * var_b[None, :]).clamp_min(CLAMP))
+    sa, sb = a.sum[rows], b.sum
+    ss_a = (n * a.sum_sq[rows] - sa ** 2).clamp_min(0)
+    ss_b = (n * b.sum_sq - sb ** 2).clamp_min(0)
+    num = n * cross[rows] - sa[:, None] * sb[None, :]
+    corr = num / torch.sqrt(ss_a[:, None] * ss_b[None, :]).clamp_min(CLAMP)
+    return corr.masked_fill_(a.constant[rows][:, None] | b.constant[None, :], 0.0)
 
 
 def pair_max(a: Encoded, b: Encoded, block: int = 4096) -> PairMax:
