@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,38 @@ def test_match_bad_inputs(assets, tmp_path, capsys):
     ]
     for args, fragment in cases:
         assert_one_line_error(*run(capsys, *args), fragment)
+
+
+def test_raw_feature_scale_correlates_what_lm_saes_returns(tmp_path):
+    """Default 'raw': A's SAE features times ‖x‖/√d (lm_saes' encode). B holds exactly those values as
+    plain activations, so with 'raw' every live A feature finds its copy at r = 1; 'normalised'
+    correlates encode(x) alone, which the per-token factor makes differ."""
+    from univ.match_stage import path_side
+    from univ.sae import SAE, SAEConfig
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 16, generator=g) * (0.2 + 5 * torch.rand(3000, 1, generator=g))  # norms vary a lot
+    sae = SAE(SAEConfig(arch="relu", d_in=16, d_sae=24, l1=1.0, store={"path": str(tmp_path / "a"), "config": {"layer": 0}}))
+    sae.initialise(x, g)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    raw = sae.encode(x) * x.norm(dim=-1, keepdim=True) / 4.0
+    torch.testing.assert_close(sae.features(x), raw)
+    torch.testing.assert_close(sae.features(x, "normalised"), sae.encode(x))
+    for name, acts in (("a", x), ("b", raw)):
+        store = Store.open_or_create(tmp_path / name / "resid_post.0", "acts", {"layer": 0, "tokens_store": "t"})
+        store.write_chunk(0, {"acts": acts}, rows=len(acts))
+        store.set_complete(True)
+    sae.save(tmp_path / "saes" / "0")
+    values = {}
+    for scale in ("raw", "normalised"):
+        cfg = MatchConfig(device="cpu", feature_scale=scale)
+        a = path_side("a", tmp_path / "a", tmp_path / "saes", "all", cfg)
+        b = path_side("b", tmp_path / "b", None, "all", cfg)
+        c = compare("main", a, b, cfg, tmp_path / "out", progress=False)
+        alive = c.a_fires[0]
+        assert alive.sum() > 10
+        values[scale] = c.a_value[0][alive]
+        assert json.loads((Path(c.path) / "summary.json").read_text())["feature_scale"] == {"a": scale, "b": None}
+    assert (values["raw"] > 1 - 1e-6).all()
+    assert (values["normalised"] < 0.99).any()

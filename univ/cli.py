@@ -35,6 +35,10 @@ CacheDirOpt = typer.Option(Path("univ-cache"), "--cache-dir", envvar="UNIV_CACHE
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
 DEFAULT_DATASET = "Skylion007/openwebtext"
+FeatureScaleOpt = typer.Option(
+    "raw", "--feature-scale",
+    help="SAE features correlated in the activations' own scale, encode(x)*|x|/sqrt(d) (raw: the authors'), "
+         "or on the SAE's normalised inputs (normalised: univ's variant).")
 
 
 def _fail(message: str, code: int = 1):
@@ -187,6 +191,7 @@ def match(
     neuron_tokens: str = typer.Option("100k", "--neuron-tokens", help="Window of the neuron comparisons."),
     tokens: str = typer.Option("1M", "--tokens", help="Window: tokens cached and correlated."),
     dead_as_zero: bool = typer.Option(False, "--dead-as-zero", help="Count never-firing features as 0 (the authors' clamp) instead of leaving them out."),
+    feature_scale: str = FeatureScaleOpt,
     dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus of the shared token store."),
     ctx_len: int = typer.Option(1024, "--ctx-len", help="Tokens per context."),
     arch: str = typer.Option("relu", "--arch", help="SAE architecture for SAEs fitted on the way."),
@@ -213,7 +218,8 @@ def match(
         neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
         data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype, device=device),
         fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, seed, device),
-        match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, device=device), cache_dir=cache_dir)
+        match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, feature_scale=feature_scale, device=device),
+        cache_dir=cache_dir)
     results = run_match(req)
     main_result = results[0]
     tables = {
@@ -326,6 +332,7 @@ def all_(
     n_seqs: int = typer.Option(None, "--n-seqs", help="Override: sequences of the circuit analyses."),
     offbyone_len: int = typer.Option(None, "--offbyone-len", help="Override: length of the off-by-one sequences (129)."),
     neurons: bool = typer.Option(None, "--neurons/--no-neurons", help="Override: match neurons too."),
+    feature_scale: str = FeatureScaleOpt,
     dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -342,7 +349,8 @@ def all_(
                      neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens") if neuron_tokens else None,
                      n_seqs=n_seqs, offbyone_len=offbyone_len, neurons=neurons)
     result = run_all(StudyConfig(model_a=model_a, model_b=model_b, model_c=model_c, preset=preset, overrides=overrides,
-                                 dataset=dataset, device=device, dtype=dtype, cache_dir=cache_dir, out=out))
+                                 dataset=dataset, feature_scale=feature_scale, device=device, dtype=dtype,
+                                 cache_dir=cache_dir, out=out))
     tables = {"summary": result.summary}
     if fmt is Format.json:
         tables["run"] = [{"run": str(result.run_file), **result.report}]

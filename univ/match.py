@@ -35,6 +35,9 @@ class MatchConfig:
     """Window: the first this-many rows of the stores (all rows if fewer)."""
     dead_as_zero: bool = False
     """Count never-firing features as MPPC 0 in the summaries (default: leave them out)."""
+    feature_scale: str = "raw"
+    """SAE features correlated on the activations' own scale ('raw', encode(x)·‖x‖/√d, what the
+    authors correlated) or on the SAE's normalised inputs ('normalised', univ's variant)."""
     batch_rows: int = 8192
     """Rows encoded at a time."""
     device: str = "auto"
@@ -50,7 +53,7 @@ class Side:
     stores: dict[int, Store]
     encoders: dict[int, Callable[[torch.Tensor], torch.Tensor] | None]
     ident: dict
-    """What fixes the features (stores' and SAEs' identities), for the result's key."""
+    """What fixes the features (stores' and SAEs' identities, the feature scale), for the result's key."""
 
 
 class Comparison(NamedTuple):
@@ -212,7 +215,8 @@ def _save(c: Comparison, out: Path, ident: dict) -> None:
     save_file({k: getattr(c, k).contiguous() for k in _TENSORS}, out / "mppc.safetensors.tmp")
     (out / "mppc.safetensors.tmp").replace(out / "mppc.safetensors")
     meta = {"name": c.name, "a": c.a, "b": c.b, "layers_a": c.layers_a, "layers_b": c.layers_b,
-            "tokens": c.tokens, "inputs": ident,
+            "tokens": c.tokens, "feature_scale": {side: ident[side].get("feature_scale") for side in ident},
+            "inputs": ident,
             "summary": c.summary(False), "summary_dead_as_zero": c.summary(True)}
     (out / "summary.json.tmp").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     (out / "summary.json.tmp").replace(out / "summary.json")

@@ -4,6 +4,7 @@ where they are missing) and the comparisons the options ask for."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from .errors import UnivError
 from .fit import FitConfig, run_fit, select_layers, stores_at
 from .match import Comparison, MatchConfig, Side, compare
 from .options import parse_layers
-from .sae import SAE
+from .sae import FEATURE_SCALES, SAE
 from .store import Store, resid_hook
 
 BASELINES = ("random-init",)
@@ -57,6 +58,8 @@ def _check(req: MatchRequest) -> None:
         raise UnivError("give both --acts-a and --acts-b")
     if not (by_model or by_path):
         raise UnivError("give --model-a and --model-b (or --acts-a and --acts-b)")
+    if req.match.feature_scale not in FEATURE_SCALES:
+        raise UnivError(f"unknown feature scale {req.match.feature_scale!r} (use {' or '.join(FEATURE_SCALES)})")
     for b in req.baselines:
         if b not in BASELINES:
             raise UnivError(f"unknown baseline {b!r} (use {', '.join(BASELINES)})")
@@ -82,9 +85,9 @@ def sae_side(req: MatchRequest, model: str, layers: str, seed: int | None = None
     for r in results:
         sae = SAE.load(r.path, device)
         stores[r.layer] = Store.read(Path(sae.cfg.store["path"]))
-        encoders[r.layer] = sae.encode
+        encoders[r.layer] = functools.partial(sae.features, feature_scale=req.match.feature_scale)
         ident[r.layer] = str(Path(r.path).resolve())
-    return Side(label or model, stores, encoders, {"saes": ident})
+    return Side(label or model, stores, encoders, {"saes": ident, "feature_scale": req.match.feature_scale})
 
 
 def neuron_side(req: MatchRequest, model: str, layers: str) -> Side:
@@ -96,7 +99,7 @@ def neuron_side(req: MatchRequest, model: str, layers: str) -> Side:
                 {"neurons": {layer: str(s.path.resolve()) for layer, s in stores.items()}})
 
 
-def path_side(label: str, acts: Path, saes: Path | None, layers: str, device: str) -> Side:
+def path_side(label: str, acts: Path, saes: Path | None, layers: str, cfg: MatchConfig) -> Side:
     all_stores = stores_at(acts)
     chosen = select_layers(all_stores, layers)
     stores = {layer: all_stores[layer] for layer in chosen}
@@ -105,15 +108,17 @@ def path_side(label: str, acts: Path, saes: Path | None, layers: str, device: st
                     {"acts": {layer: str(s.path.resolve()) for layer, s in stores.items()}})
     found = {}
     for cfg_file in sorted(Path(saes).rglob("cfg.json")):
-        sae = SAE.load(cfg_file.parent, models.resolve_device(device))
+        sae = SAE.load(cfg_file.parent, models.resolve_device(cfg.device))
         layer = sae.cfg.store.get("config", {}).get("layer")
         if layer in stores:
             found[layer] = sae
     missing = [layer for layer in chosen if layer not in found]
     if missing:
         raise UnivError(f"{saes} holds no SAE trained on layer {missing[0]} of {acts}")
-    return Side(label, stores, {layer: found[layer].encode for layer in chosen},
-                {"saes": {layer: str(Path(s.cfg.store["path"])) for layer, s in found.items()}})
+    return Side(label, stores,
+                {layer: functools.partial(found[layer].features, feature_scale=cfg.feature_scale) for layer in chosen},
+                {"saes": {layer: str(Path(s.cfg.store["path"])) for layer, s in found.items()},
+                 "feature_scale": cfg.feature_scale})
 
 
 def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:
@@ -121,8 +126,8 @@ def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:
     _check(req)
     out_root = req.cache_dir / "match"
     if req.acts_a:
-        a = path_side(str(req.acts_a), req.acts_a, req.saes_a, req.layers_a, req.match.device)
-        b = path_side(str(req.acts_b), req.acts_b, req.saes_b, req.layers_b, req.match.device)
+        a = path_side(str(req.acts_a), req.acts_a, req.saes_a, req.layers_a, req.match)
+        b = path_side(str(req.acts_b), req.acts_b, req.saes_b, req.layers_b, req.match)
         return [compare("main", a, b, req.match, out_root, progress)]
     # One cache call for every model: one shared token store, and a clear refusal when the
     # tokenizers differ.

@@ -10,6 +10,9 @@ The SAE works on normalised inputs x̃ = x / scale(x):
 ``encode`` takes raw activations; ``decode`` returns raw activations, multiplying back by the
 scale. With ``token`` normalisation the scale belongs to each token, so pass
 ``scale=sae.scale(x)`` to ``decode`` (``reconstruct(x)`` does the round trip).
+
+``features(x, 'raw')`` gives the features in the activations' own scale, encode(x)·scale(x):
+what the authors' SAE library (lm_saes) returns from its encode, and what they correlated.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .errors import UnivError
 
 ARCHS = ("relu", "topk")
 NORMALISATIONS = ("token", "dataset", "none")
+FEATURE_SCALES = ("raw", "normalised")
 
 
 @dataclass
@@ -116,6 +120,17 @@ class SAE(nn.Module):
         """Features [..., d_sae] of raw activations [..., d_in]."""
         x = x.to(self.W_enc.dtype)
         return self.activate(self.pre_acts(x / self.scale(x).to(x.dtype)))
+
+    def features(self, x: torch.Tensor, feature_scale: str = "raw") -> torch.Tensor:
+        """Features of raw activations on the chosen scale: 'raw' = encode(x)·scale(x) (with
+        token-wise normalisation a per-token factor ‖x‖/√d, which Pearson correlation is not
+        blind to), 'normalised' = encode(x)."""
+        f = self.encode(x)
+        if feature_scale == "normalised":
+            return f
+        if feature_scale != "raw":
+            raise UnivError(f"unknown feature scale {feature_scale!r} (use {' or '.join(FEATURE_SCALES)})")
+        return f * self.scale(x.to(self.W_enc.dtype)).to(f.dtype)
 
     def decode(self, f: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Raw activations from features; ``scale`` is ``self.scale(x)`` (needed for 'token')."""

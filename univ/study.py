@@ -54,6 +54,8 @@ class StudyConfig:
     preset: str = "quick"
     overrides: dict = field(default_factory=dict)
     dataset: str = "Skylion007/openwebtext"
+    feature_scale: str = "raw"
+    """What MPPC correlates (see MatchConfig.feature_scale)."""
     device: str = "auto"
     dtype: str = "auto"
     cache_dir: Path = Path("univ-cache")
@@ -109,9 +111,11 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
                 quality.append({"model": model, **{k: v for k, v in r._asdict().items() if k != "path"}})
     req = MatchRequest(model_a=a, model_b=b, model_c=cfg.model_c, baselines=s["baselines"], skylines=s["skylines"],
                        neurons=s["neurons"], neuron_tokens=s["neuron_tokens"], data=data, fit=fit,
-                       match=MatchConfig(tokens=s["tokens"], device=cfg.device), cache_dir=cfg.cache_dir)
+                       match=MatchConfig(tokens=s["tokens"], feature_scale=cfg.feature_scale, device=cfg.device),
+                       cache_dir=cfg.cache_dir)
     match_flags = [*[x for v in s["baselines"] for x in ("--baseline", v)], *[x for v in s["skylines"] for x in ("--skyline", v)],
-                   "--neurons" if s["neurons"] else "", "--model-c" if cfg.model_c else "", cfg.model_c or ""]
+                   "--neurons" if s["neurons"] else "", "--model-c" if cfg.model_c else "", cfg.model_c or "",
+                   "--feature-scale", cfg.feature_scale]
     with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, *common)):
         comparisons = run_match(req, progress)
     circuit = CircuitConfig(n_seqs=s["n_seqs"], device=cfg.device)
@@ -128,9 +132,11 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         paths["induction"].append(str(result_path(cfg.cache_dir, lm, "induction", circuit)))
         paths["offbyone"].append(str(result_path(cfg.cache_dir, lm, "offbyone-auto", obo_cfg)))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
+           "feature_scale": cfg.feature_scale,
            "dataset": cfg.dataset, "device": cfg.device, "dtype": cfg.dtype, "univ_version": __version__,
            "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths}
-    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset", "dtype")})
+    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset", "dtype",
+                                          "feature_scale")})
     run_file = cfg.cache_dir / RUNS / key / "run.json"
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(run, indent=1, default=str) + "\n")
