@@ -7,14 +7,17 @@ Planted GPT-NeoX: two layers, of which only head L1H2 writes to the residual str
 and values at a position depend on that position's token alone, so B enters at position 1.
 """
 
+import dataclasses
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import build_mamba, build_neox
 from univ import models, patching
-from univ.induction import CircuitConfig, run_induction
+from univ.circuit import CircuitConfig
+from univ.induction import induction_data, run_induction
 from univ.offbyone import run_offbyone
 
 from test_cli import assert_one_line_error, run
@@ -59,11 +62,154 @@ def test_mamba_last_position_step_reproduces_the_forward(planted):
     torch.testing.assert_close(run_.logits, full, rtol=1e-4, atol=1e-4)
     for layer in range(3):
         tr = run_.traces[layer]
-        torch.testing.assert_close(patching.last_position(lm.model, run_, layer), run_.logits, rtol=1e-4, atol=1e-4)
-        own = patching.last_position(lm.model, run_, layer, state_prev=tr.states[:, 0], y_last=tr.y[:, -1])
-        torch.testing.assert_close(own, run_.logits, rtol=1e-4, atol=1e-4)
+        for freeze in (None, "state", "y"):
+            own = patching.last_position(lm.model, run_, layer, state_prev=tr.states[:, 0],
+                                         y_ssm=patching.readout(tr, 16), freeze=freeze)
+            torch.testing.assert_close(own, run_.logits, rtol=1e-4, atol=1e-4)
         decay, write = patching.writes(lm.blocks()[layer].mixer, tr)
         torch.testing.assert_close(patching.rebuilt_last_state(decay, write), tr.states[:, 1], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def _reference(model, tokens, read_last=None, xc_edit=None):
+    """Logits at the last position from a whole-sequence forward in which layer i's SSM read-out
+    at the last position is ``read_last[i](trace)`` and its SSM input is ``xc_edit[i](xc)``: the
+    authors' hooks (hook_h / hook_y at the last position, hook_conv), written out."""
+    from univ.mamba import MixerTrace, residual_of, ssm_forward
+    from univ.scan import causal_conv_silu
+
+    read_last, xc_edit = read_last or {}, xc_edit or {}
+    T = tokens.shape[1]
+    hidden = model.backbone.embeddings(tokens)
+    for i, block in enumerate(model.backbone.layers):
+        mixer = block.mixer
+        E = mixer.intermediate_size
+        xz = F.linear(block.norm(hidden), mixer.in_proj.weight)
+        x, z = xz[..., :E], xz[..., E:]
+        xc = causal_conv_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias)
+        xc = xc_edit[i](xc) if i in xc_edit else xc
+        tr = MixerTrace()
+        y = ssm_forward(mixer, xc, z, tr, [T - 2, T - 1])
+        if i in read_last:
+            y = y.clone()
+            y[:, -1] = (read_last[i](tr) + mixer.D * xc[:, -1]) * F.silu(z[:, -1])
+        hidden = residual_of(block, hidden) + F.linear(y, mixer.out_proj.weight)
+    return model.lm_head(model.backbone.norm_f(hidden[:, -1]))
+
+
+def _frozen_h(clean_trace, T):
+    return lambda tr: (patching.state_at(clean_trace, T - 1) * tr.C[:, -1, None, :]).sum(-1)
+
+
+@pytest.mark.parametrize("effect", ["direct", "total"])
+def test_mamba_state_and_y_patches_equal_the_authors_whole_sequence_hooks(assets, effect):
+    """state->logit: the patched layer's last state = Ā_{T−1} h_{T−2}(no B) + B̄_{T−1}x_{T−1};
+    y->logit: its read-out C·h from the run without the repeated A. 'direct' freezes every other
+    layer's last state (resp. read-out) to clean, as the authors' state_to_logit.py / y_to_logit.py."""
+    lm = models.load(str(assets["mamba"]), device="cpu")
+    model = lm.model
+    cfg = CircuitConfig(n_seqs=6, seq_len=20, device="cpu")
+    data = induction_data(lm, cfg)
+    T = cfg.seq_len
+    clean = patching.mamba_trace(model, data["clean"], [T - 2, T - 1])
+    no_b = patching.mamba_trace(model, data["no_b"], [T - 2])
+    no_a = patching.mamba_trace(model, data["no_a"], [T - 1])
+    for layer in range(3):
+        h_prev = patching.state_at(no_b.traces[layer], T - 2)
+        mixer = lm.blocks()[layer].mixer
+
+        def patched_state(tr, h_prev=h_prev, mixer=mixer):
+            decay, write = patching.writes(mixer, tr)
+            return ((decay[:, -1] * h_prev + write[:, -1]) * tr.C[:, -1, None, :]).sum(-1)
+
+        others = {i: _frozen_h(clean.traces[i], T) for i in range(3) if i != layer} if effect == "direct" else {}
+        got = patching.last_position(model, clean, layer, state_prev=h_prev,
+                                     freeze="state" if effect == "direct" else None)
+        torch.testing.assert_close(got, _reference(model, data["clean"], {**others, layer: patched_state}),
+                                   rtol=1e-4, atol=1e-4)
+        others = {i: (lambda tr, i=i: patching.readout(clean.traces[i], T - 1)) for i in range(3) if i != layer} \
+            if effect == "direct" else {}
+        got = patching.last_position(model, clean, layer, y_ssm=patching.readout(no_a.traces[layer], T - 1),
+                                     freeze="y" if effect == "direct" else None)
+        expected = _reference(model, data["clean"], {**others, layer: lambda tr: patching.readout(no_a.traces[layer], T - 1)})
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert (got - clean.logits).abs().max() > 1e-5  # a real change: the comparison is not vacuous
+
+
+def test_conv_cumulative_reproduces_the_authors_script(assets, tmp_path):
+    """conv_to_state_to_logit.py, transliterated: its swaps write into the cached conv input, so
+    they accumulate; the layer is re-run over the whole sequence, the layers above keep their
+    clean last states. Without --conv-cumulative each swap stands alone."""
+    lm = models.load(str(assets["mamba"]), device="cpu")
+    model = lm.model
+    cfg = CircuitConfig(n_seqs=8, seq_len=20, batch=8, device="cpu", conv_layers="1", conv_cumulative=True)
+    T, layer = cfg.seq_len, 1
+    data = induction_data(lm, cfg)
+    clean = patching.mamba_trace(model, data["clean"], [T - 2, T - 1])
+    corrupted = patching.mamba_trace(model, data["no_ab"], [])
+    mixer = lm.blocks()[layer].mixer
+    rows, s = torch.arange(8), data["s"]
+    frozen = {i: _frozen_h(clean.traces[i], T) for i in range(layer + 1, 3)}
+    expected = {}
+    for bias in (1, 2):
+        x_in = clean.traces[layer].x.clone()  # the authors' cache, mutated by every swap
+        for channel in range(bias + 1):
+            x_in[rows, s + bias - channel] = corrupted.traces[layer].x[rows, s + bias - channel]
+            from univ.scan import causal_conv_silu
+            conv = causal_conv_silu(x_in, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias)
+
+            def edit(xc, conv=conv, bias=bias):
+                xc = xc.clone()
+                xc[rows, s + bias] = conv[rows, s + bias]
+                return xc
+
+            logits = _reference(model, data["clean"], frozen, {layer: edit})
+            p = torch.softmax(logits, -1)[rows, data["b"]].mean().item()
+            expected[f"layer 1: conv out at s+{bias}, inputs at s+{bias - channel}..s+{bias}"
+                     if channel else f"layer 1: conv out at s+{bias}, input at s+{bias}"] = p
+    r = run_induction(lm, cfg, tmp_path)
+    got = {row["component"]: row["p_B"] for row in r.rows["conv->state->logit"]}
+    assert got.keys() == expected.keys()
+    for name, p in expected.items():
+        assert got[name] == pytest.approx(p, rel=1e-5, abs=1e-9), name
+    single = run_induction(lm, dataclasses.replace(cfg, conv_cumulative=False), tmp_path)
+    names = [row["component"] for row in single.rows["conv->state->logit"]]
+    assert sorted(names) == sorted(f"layer 1: conv out at s+{o}, input at s+{i}" for o in (1, 2) for i in range(o + 1))
+
+
+def test_neox_direct_head_patch_freezes_every_other_head_and_recomputes_the_mlps(assets, tmp_path):
+    """head->logit, direct (the authors' head_to_logit.py): the residual at the last position
+    after layer l−1, then per layer: attention output at the last position = the clean heads'
+    (one head from the random run at layer l), MLP recomputed; nothing else changes."""
+    lm = models.load(str(assets["neox"]), device="cpu")
+    assert lm.model.config.use_parallel_residual
+    cfg = CircuitConfig(n_seqs=8, seq_len=16, batch=8, device="cpu", head="1.0")
+    data = induction_data(lm, cfg)
+    T, L, H = cfg.seq_len, lm.n_layers, 4
+    last = torch.full((8,), T - 1)
+    with torch.no_grad():
+        with patching.neox_heads(lm, capture={i: last for i in range(L)}) as z_clean:
+            out = lm.model(input_ids=data["clean"], output_hidden_states=True)
+        with patching.neox_heads(lm, capture={i: last for i in range(L)}) as z_rand:
+            lm.logits(data["random"])
+    r = run_induction(lm, cfg, tmp_path)
+    got = {row["component"]: row["p_B"] for row in r.rows["head->logit"]}
+    for layer in range(L):
+        for head in range(H):
+            with torch.no_grad():
+                h = out.hidden_states[layer][:, -1]
+                for i in range(layer, L):
+                    block = lm.blocks()[i]
+                    z = z_clean[i].clone()
+                    if i == layer:
+                        z[:, head] = z_rand[i][:, head]
+                    attn = block.attention.dense(z.reshape(8, -1))
+                    h = h + attn + block.mlp(block.post_attention_layernorm(h))
+                logits = lm.model.get_output_embeddings()(lm.model.gpt_neox.final_layer_norm(h))
+            p = torch.softmax(logits, -1)[torch.arange(8), data["b"]].mean().item()
+            assert got[f"L{layer}H{head}"] == pytest.approx(p, rel=1e-5), (layer, head)
+    total = run_induction(lm, dataclasses.replace(cfg, effect="total"), tmp_path)
+    assert {row["component"]: row["p_B"] for row in total.rows["head->logit"]} != got
 
 
 def _effects(result, table):
@@ -74,11 +220,14 @@ def _effects(result, table):
 def test_mamba_induction_finds_the_planted_layer(planted, tmp_path):
     lm = models.load(planted["mamba"], device="cpu")
     r = run_induction(lm, CircuitConfig(**CFG), tmp_path)
-    for table in ("state->logit", "y->logit"):
-        effects = _effects(r, table)
-        assert effects["layer 1"] > 1e-4, table
-        assert effects["layer 0"] < 1e-6 and effects["layer 2"] < 1e-6, table
-        assert max(effects, key=effects.get) == "layer 1"
+    effects = _effects(r, "state->logit")
+    assert effects["layer 1"] > 1e-4
+    assert effects["layer 0"] < 1e-6 and effects["layer 2"] < 1e-6
+    # y->logit patches the read-out C·h, before the D skip and the gate. The planted conv hears
+    # only t-1, so layer 1's read-out at the last position cannot see the last token (A): the
+    # run without the repeated A reads out the same, and no layer moves p(B). (Patching the gated
+    # output, as univ once did, moved it through the gate, which does see A.)
+    assert max(_effects(r, "y->logit").values()) < 1e-6
     conv = _effects(r, "conv->state->logit")
     # The conv passes on t-1 only: the output at s+2 hears input s+1, the output at s+1 input s.
     assert conv["layer 1: conv out at s+2, input at s+1"] > 1e-5
@@ -131,7 +280,12 @@ def test_circuit_bad_inputs(planted, tmp_path, capsys):
     base = ["--device", "cpu", "--cache-dir", tmp_path]
     cases = [
         (["induction", "-m", planted["mamba"], "--head", "1.2", *base], "GPT-NeoX option"),
-        (["induction", "-m", planted["neox"], "--top-layers", "2", *base], "Mamba option"),
+        (["induction", "-m", planted["neox"], "--conv-layers", "1", *base], "Mamba options"),
+        (["induction", "-m", planted["mamba"], "--conv-layers", "9", *base], "out of range"),
+        (["induction", "-m", planted["mamba"], "--effect", "partial", *base], "unknown --effect"),
+        (["offbyone", "-m", planted["neox"], "--swap-decay", *base], "Mamba option"),
+        (["induction", "-m", planted["neox"], "--head", "L5H0", *base], "out of range"),
+        (["induction", "-m", planted["neox"], "--head", "five", *base], "must look like"),
         (["offbyone", "-m", planted["neox"], "--layer", "1", *base], "Mamba option"),
         (["induction", "-m", planted["mamba"], "--seq-len", "3", *base], "--seq-len must be at least 4"),
         (["offbyone", "-m", planted["mamba"], "--layer", "7", *base], "out of range"),
@@ -139,3 +293,33 @@ def test_circuit_bad_inputs(planted, tmp_path, capsys):
     ]
     for args, fragment in cases:
         assert_one_line_error(*run(capsys, *args), fragment)
+
+
+@pytest.mark.parametrize("swap_decay", [False, True])
+def test_offbyone_equals_the_authors_notebook(assets, tmp_path, swap_decay):
+    """pos_to_state_to_logit.ipynb, transliterated: layer ℓ's last state unrolled with the write at
+    p from the corrupted run (and, as the notebook did, the decay from its position p + 1), every
+    other layer's last state frozen clean."""
+    from univ.offbyone import TABLE, offbyone_data
+
+    lm = models.load(str(assets["mamba"]), device="cpu")
+    model, layer = lm.model, 1
+    cfg = CircuitConfig(n_seqs=6, seq_len=20, batch=6, device="cpu", swap_decay=swap_decay)
+    T = cfg.seq_len
+    data = offbyone_data(lm, cfg)
+    clean = patching.mamba_trace(model, data["clean"], [T - 2, T - 1])
+    corrupted = patching.mamba_trace(model, data["corrupted"], [])
+    mixer = lm.blocks()[layer].mixer
+    decay, write = patching.writes(mixer, clean.traces[layer])
+    decay_c, write_c = patching.writes(mixer, corrupted.traces[layer])
+    frozen = {i: _frozen_h(clean.traces[i], T) for i in range(3) if i != layer}
+    base = _reference(model, data["clean"])[torch.arange(6), data["b"]].mean().item()
+    r = run_offbyone(lm, cfg, tmp_path, layer=str(layer))
+    for row in r.rows[TABLE]:
+        p = row["position"]
+        h = torch.zeros_like(write[:, 0])
+        for t in range(T):
+            h = h * (decay_c[:, t + 1] if swap_decay and t == p else decay[:, t]) + (write_c if t == p else write)[:, t]
+        logits = _reference(model, data["clean"], {**frozen, layer: lambda tr, h=h: (h * tr.C[:, -1, None, :]).sum(-1)})
+        assert row["delta_logit_B"] == pytest.approx(logits[torch.arange(6), data["b"]].mean().item() - base,
+                                                     rel=1e-4, abs=1e-5), p

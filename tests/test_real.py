@@ -5,7 +5,8 @@ import pytest
 
 from univ import models
 from univ.errors import UnivError
-from univ.induction import CircuitConfig, run_induction
+from univ.circuit import CircuitConfig
+from univ.induction import run_induction
 from univ.offbyone import run_offbyone
 
 pytestmark = pytest.mark.real

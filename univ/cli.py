@@ -232,23 +232,30 @@ def match(
     typer.echo(render(tables, fmt))
 
 
-def _circuit_config(n_seqs, seq_len, seed, batch, device, dtype, top_layers=None, head=None):
-    from .induction import CircuitConfig
+EffectOpt = typer.Option(
+    "direct", "--effect",
+    help="direct (the authors' path patching: every other layer's last state / read-out, or every other "
+         "head's last-position output, frozen clean) or total (univ's variant: all downstream recomputed).")
 
-    return CircuitConfig(n_seqs=n_seqs, seq_len=seq_len, seed=seed, batch=batch, device=device, dtype=dtype,
-                         top_layers=top_layers, head=head)
+
+def _clean_rows(results) -> list[dict]:
+    return [{"model": r.model, "family": r.family, "analysis": name, **clean}
+            for r in results for name, clean in r.clean.items()]
 
 
 @app.command()
 @user_errors
 def induction(
     model: str = typer.Option(..., "--model", "-m", help="Model alias, Hub id or folder."),
-    n_seqs: int = typer.Option(256, "--n-seqs", help="Random sequences averaged over."),
+    n_seqs: int = typer.Option(256, "--n-seqs", help="Random sequences averaged over (the authors: 65,536)."),
+    state_seqs: int = typer.Option(None, "--state-seqs", help="Mamba state->logit: the first N sequences only (default: all; the authors: 2,048)."),
     seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sequence (the repeated A is the last)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),
     batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
-    top_layers: int = typer.Option(None, "--top-layers", help="Mamba: layers given the conv->state->logit analysis (default 2)."),
-    head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head L.H for head->head (default: top head->logit)."),
+    effect: str = EffectOpt,
+    conv_layers: str = typer.Option("auto", "--conv-layers", help="Mamba: layers given conv->state->logit, e.g. 12,17 (auto: the two largest state->logit drops)."),
+    conv_cumulative: bool = typer.Option(False, "--conv-cumulative", help="Mamba: accumulate the conv input swaps (s+2, then s+1 too, then s) as the authors' script did."),
+    head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head (5.0 or L5H0) for head->head (default: top head->logit)."),
     top: int = typer.Option(10, "--top", help="Rows shown per analysis (json: all)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
     device: str = DeviceOpt,
@@ -258,14 +265,18 @@ def induction(
 ) -> None:
     """Path patching of the induction circuit: Mamba layers (state, y, conv) or GPT-NeoX heads."""
     from . import models
+    from .circuit import CircuitConfig
     from .induction import run_induction
 
-    cfg = _circuit_config(n_seqs, seq_len, seed, batch, device, dtype, top_layers, head)
+    cfg = CircuitConfig(n_seqs=n_seqs, state_seqs=state_seqs, seq_len=seq_len, seed=seed, batch=batch, device=device,
+                        dtype=dtype, effect=effect, conv_layers=conv_layers, conv_cumulative=conv_cumulative, head=head)
     lm = models.load(model, device=device, dtype=dtype)
     r = run_induction(lm, cfg, cache_dir, force)
-    tables = {"clean": [{"model": r.model, "family": r.family, "p_B": r.clean_p, "logit_B": r.clean_logit}]}
+    tables = {"clean": _clean_rows([r])}
     for name, rows in r.rows.items():
         tables[name] = rows if fmt is Format.json else rows[:top]
+    if fmt is Format.json:
+        tables["config"] = [r.config]
     typer.echo(render(tables, fmt))
 
 
@@ -274,11 +285,13 @@ def induction(
 def offbyone(
     model: list[str] = typer.Option(..., "--model", "-m", help="Model(s); repeat to put families side by side."),
     layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: the state->logit layer of `univ induction` that moves p(B) most)."),
-    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head L.H (default: the head->logit head of `univ induction` that moves p(B) most)."),
+    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head, 5.0 or L5H0 (default: the head->logit head of `univ induction` that moves p(B) most)."),
     n_seqs: int = typer.Option(128, "--n-seqs", help="Sequences averaged over."),
     seq_len: int = typer.Option(129, "--seq-len", help="Tokens per sequence: A, B, filler, A."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),
     batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
+    effect: str = EffectOpt,
+    swap_decay: bool = typer.Option(False, "--swap-decay", help="Mamba: also take the decay from the corrupted run, at p+1, as the authors' notebook did."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
@@ -287,7 +300,8 @@ def offbyone(
 ) -> None:
     """The Off-by-One motif: change of B's logit when only the write at position p (B at 1) is corrupted."""
     from . import models
-    from .offbyone import POSITIONS, run_offbyone
+    from .circuit import CircuitConfig
+    from .offbyone import POSITIONS, TABLE, run_offbyone
 
     results = []
     for name in model:
@@ -297,19 +311,23 @@ def offbyone(
             raise UnivError("--layer is a Mamba option; for GPT-NeoX give --head L.H")
         if lm.family == "mamba" and head is not None and len(model) == 1:
             raise UnivError("--head is a GPT-NeoX option (attention heads); Mamba has none")
-        cfg = _circuit_config(n_seqs, seq_len, seed, batch, device, dtype,
-                              head=head if lm.family == "gpt_neox" else None)
+        if lm.family == "gpt_neox" and swap_decay and len(model) == 1:
+            raise UnivError("--swap-decay is a Mamba option (the SSM's decay)")
+        cfg = CircuitConfig(n_seqs=n_seqs, seq_len=seq_len, seed=seed, batch=batch, device=device, dtype=dtype,
+                            effect=effect, head=head if lm.family == "gpt_neox" else None,
+                            swap_decay=swap_decay and lm.family == "mamba")
         results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force))
     table = []
     for p in POSITIONS:
         row = {"position": p}
         for r in results:
-            entry = next(e for e in r.rows["write at position p corrupted"] if e["position"] == p)
+            entry = next(e for e in r.rows[TABLE] if e["position"] == p)
             row[f"{r.model} [{entry['component']}] d_logit_B"] = entry["delta_logit_B"]
             row[f"{r.model} d_p_B"] = entry["delta_p_B"]
         table.append(row)
-    tables = {"clean": [{"model": r.model, "family": r.family, "p_B": r.clean_p, "logit_B": r.clean_logit}
-                        for r in results], "off-by-one (B at position 1)": table}
+    tables = {"clean": _clean_rows(results), "off-by-one (B at position 1)": table}
+    if fmt is Format.json:
+        tables["config"] = [r.config for r in results]
     typer.echo(render(tables, fmt))
 
 

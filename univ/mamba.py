@@ -41,34 +41,52 @@ class MixerTrace:
 
 
 def mixer_forward(mixer: nn.Module, u: torch.Tensor, trace: MixerTrace | None = None,
-                  state_positions: list[int] | None = None) -> torch.Tensor:
-    """transformers' MambaMixer.forward (no cache) on u [batch, pos, d_model]."""
+                  state_positions: list[int] | None = None, last_state: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' MambaMixer.forward (no cache) on u [batch, pos, d_model]; see ssm_forward
+    for ``last_state``."""
     E = mixer.intermediate_size
-    R, N = mixer.time_step_rank, mixer.ssm_state_size
     xz = F.linear(u, mixer.in_proj.weight, mixer.in_proj.bias)
     x, z = xz[..., :E], xz[..., E:]
     conv_w = mixer.conv1d.weight.squeeze(1)
     xc = causal_conv_silu(x, conv_w, mixer.conv1d.bias if mixer.use_conv_bias else None)
+    if trace is not None:
+        trace.x = x
+    y = ssm_forward(mixer, xc, z, trace, state_positions, last_state)
+    return F.linear(y.to(u.dtype), mixer.out_proj.weight, mixer.out_proj.bias)
+
+
+def ssm_forward(mixer: nn.Module, xc: torch.Tensor, z: torch.Tensor, trace: MixerTrace | None = None,
+                state_positions: list[int] | None = None, last_state: torch.Tensor | None = None) -> torch.Tensor:
+    """The gated SSM output y = (C·h + D·xc)·SiLU(z), [batch, pos, E], from the SSM input xc
+    (SiLU of the conv output) and the gate z. With ``last_state`` [batch, E, N] the last position
+    reads out that state instead of its own h (a state frozen by path patching)."""
+    R, N = mixer.time_step_rank, mixer.ssm_state_size
     x_dbl = F.linear(xc, mixer.x_proj.weight)
     dt_r, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
     dt = F.linear(dt_r, mixer.dt_proj.weight)
     A = -torch.exp(mixer.A_log.to(torch.promote_types(mixer.A_log.dtype, torch.float32)))
     y, states = selective_scan(xc, dt, A, B, C, mixer.D, mixer.dt_proj.bias, z=z,
                                state_positions=state_positions)
+    if last_state is not None:
+        read = (last_state.float() * C[:, -1, None, :].float()).sum(-1)
+        y = y.clone()
+        y[:, -1] = ((read + mixer.D.float() * xc[:, -1].float()) * F.silu(z[:, -1].float())).to(y.dtype)
     if trace is not None:
-        trace.x, trace.xc, trace.gate, trace.dt, trace.B, trace.C, trace.y = x, xc, z, dt, B, C, y
+        trace.xc, trace.gate, trace.dt, trace.B, trace.C, trace.y = xc, z, dt, B, C, y
         trace.states, trace.state_positions = states, list(state_positions or [])
-    return F.linear(y.to(u.dtype), mixer.out_proj.weight, mixer.out_proj.bias)
+    return y
 
 
 def block_forward(block: nn.Module, hidden: torch.Tensor, trace: MixerTrace | None = None,
-                  state_positions: list[int] | None = None) -> torch.Tensor:
+                  state_positions: list[int] | None = None, last_state: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' MambaBlock.forward: residual + mixer(RMSNorm(residual))."""
-    residual = hidden
     normed = block.norm(hidden.to(dtype=block.norm.weight.dtype))
-    if block.residual_in_fp32:
-        residual = residual.to(torch.float32)
-    return residual + mixer_forward(block.mixer, normed, trace, state_positions)
+    return residual_of(block, hidden) + mixer_forward(block.mixer, normed, trace, state_positions, last_state)
+
+
+def residual_of(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The residual stream a block adds its mixer's output to (float32 with residual_in_fp32)."""
+    return hidden.to(torch.float32) if block.residual_in_fp32 else hidden
 
 
 @torch.no_grad()

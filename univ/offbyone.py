@@ -3,23 +3,29 @@
 Sequences: A at 0, B at 1, random filler, A again at the end; the corrupted run replaces B.
 Mamba: in one layer, the last state is rebuilt by unrolling h_t = Ā_t h_{t−1} + B̄_t x_t with
 only the write at position p taken from the corrupted run (p = 1..4), then read out at the last
-position with every other layer's history clean. GPT-NeoX, the analogue: one head's keys and
-values at position p taken from the corrupted run. The change of B's logit and probability per
-p shows where B enters: in Mamba the study saw it at p = 2, one position late.
+position with every other layer's history clean and (effect 'direct', the authors') every other
+layer's last state frozen clean. ``swap_decay`` also takes Ā from the corrupted run, at p + 1, as
+the authors' notebook did (an indexing quirk: it changes which decay multiplies the old state).
+GPT-NeoX, the analogue: one head's keys and values at position p taken from the corrupted run.
+The change of B's logit and probability per p shows where B enters: in Mamba the study saw it
+at p = 2, one position late.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from . import models, patching
+from .circuit import CircuitConfig, CircuitResult, Means, batches, check, other_ids, parse_head, result_path, token_ids
 from .errors import UnivError
-from .induction import CircuitConfig, CircuitResult, _batches, _Mean, _other, parse_head, result_path, run_induction, token_ids
+from .induction import induction_path, run_induction
 
 POSITIONS = (1, 2, 3, 4)
+TABLE = "write at position p corrupted"
 
 
 def offbyone_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
@@ -28,10 +34,10 @@ def offbyone_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
     n, T = cfg.n_seqs, cfg.seq_len
     x = ids[torch.randint(len(ids), (n, T), generator=g)]
     x[:, -1] = x[:, 0]
-    x[:, 1] = _other(ids, x[:, 0], g)  # B differs from A
+    x[:, 1] = other_ids(ids, x[:, 0], g)  # B differs from A
     corrupted = x.clone()
-    corrupted[:, 1] = _other(ids, x[:, 1], g)
-    return {"clean": x, "corrupted": corrupted, "b": x[:, 1], "s": torch.zeros(n, dtype=torch.long)}
+    corrupted[:, 1] = other_ids(ids, x[:, 1], g)
+    return {"clean": x, "corrupted": corrupted, "b": x[:, 1]}
 
 
 def _top(result: CircuitResult, table: str) -> str:
@@ -40,10 +46,28 @@ def _top(result: CircuitResult, table: str) -> str:
     return max(result.rows[table], key=lambda r: abs(r["drop"]))["component"]
 
 
-@torch.no_grad()
-def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "auto", force: bool = False) -> CircuitResult:
-    from .induction import check
+def default_induction(cfg: CircuitConfig) -> CircuitConfig:
+    """The induction run whose top component offbyone follows: the same settings at the task's length."""
+    return dataclasses.replace(cfg, seq_len=CircuitConfig.seq_len, swap_decay=False)
 
+
+def _follows(lm: models.LM, cfg: CircuitConfig, layer: str) -> bool:
+    """Whether the component comes from an induction run (neither --layer nor --head given)."""
+    return layer == "auto" and not (lm.family == "gpt_neox" and cfg.head)
+
+
+def offbyone_path(cache_dir, lm: models.LM, cfg: CircuitConfig, layer: str = "auto",
+                  induction: CircuitConfig | None = None) -> Path:
+    """Where run_offbyone keeps its result; keyed by the induction run it follows, if it does."""
+    ind = induction_path(cache_dir, lm, induction or default_induction(cfg)).name if _follows(lm, cfg, layer) else None
+    return result_path(cache_dir, lm, f"offbyone-{layer}", cfg, **({"induction": ind} if ind else {}))
+
+
+@torch.no_grad()
+def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "auto", force: bool = False,
+                 induction: CircuitConfig | None = None, progress: bool = True) -> CircuitResult:
+    """``induction``: the induction settings whose top component is followed when ``layer`` (or
+    ``cfg.head``) is not given (default: ``default_induction(cfg)``)."""
     check(cfg, lm, min_len=6)
     if lm.family == "mamba" and layer != "auto":
         try:
@@ -54,50 +78,54 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
             raise UnivError(f"layer {chosen} is out of range: the model has layers 0-{lm.n_layers - 1}")
     elif lm.family == "gpt_neox" and layer != "auto":
         raise UnivError("--layer is a Mamba option; for GPT-NeoX give --head L.H")
-    path = result_path(cache_dir, lm, f"offbyone-{layer}", cfg)
+    ind_cfg = induction or default_induction(cfg)
+    follows = _follows(lm, cfg, layer)
+    path = offbyone_path(cache_dir, lm, cfg, layer, induction)
     if path.is_file() and not force:
         return CircuitResult.load(path)
-    # The layer or head is chosen by `induction` at its own sequence length, on as many sequences.
-    ind_cfg = dataclasses.replace(cfg, seq_len=CircuitConfig.seq_len)
     data = offbyone_data(lm, cfg)
     T = cfg.seq_len
-    means = _Mean()
+    means = Means()
     if lm.family == "mamba":
-        chosen = int(layer) if layer != "auto" else int(_top(run_induction(lm, ind_cfg, cache_dir), "state->logit").split()[1])
+        chosen = int(_top(run_induction(lm, ind_cfg, cache_dir, progress=progress), "state->logit").split()[1]) \
+            if follows else int(layer)
         mixer = lm.model.backbone.layers[chosen].mixer
         component = f"layer {chosen}"
-        for batch in _batches(data, cfg.batch, lm.device):
+        freeze = "state" if cfg.effect == "direct" else None
+        for batch in batches(data, cfg.batch, lm.device):
             clean = patching.mamba_trace(lm.model, batch["clean"], [T - 2, T - 1])
             corr = patching.mamba_trace(lm.model, batch["corrupted"], [])
             means.add("clean", clean.logits, batch["b"])
             decay, write = patching.writes(mixer, clean.traces[chosen])
-            _, write_corr = patching.writes(mixer, corr.traces[chosen])
+            decay_corr, write_corr = patching.writes(mixer, corr.traces[chosen])
             for p in POSITIONS:
-                w = write.clone()
+                d, w = decay.clone(), write.clone()
                 w[:, p] = write_corr[:, p]
-                h = patching.rebuilt_last_state(decay, w)
-                means.add(p, patching.last_position(lm.model, clean, chosen, state_last=h), batch["b"])
+                if cfg.swap_decay:
+                    d[:, p] = decay_corr[:, p + 1]
+                h = patching.rebuilt_last_state(d, w)
+                means.add(p, patching.last_position(lm.model, clean, chosen, state_last=h, freeze=freeze), batch["b"])
     else:
         head = parse_head(cfg.head, lm) if cfg.head else tuple(
-            int(v) for v in _top(run_induction(lm, ind_cfg, cache_dir), "head->logit")[1:].split("H"))
+            int(v) for v in _top(run_induction(lm, ind_cfg, cache_dir, progress=progress), "head->logit")[1:].split("H"))
         component = f"L{head[0]}H{head[1]} keys and values"
-        for batch in _batches(data, cfg.batch, lm.device):
+        for batch in batches(data, cfg.batch, lm.device):
             means.add("clean", lm.logits(batch["clean"])[:, -1], batch["b"])
             for p in POSITIONS:
-                pos = torch.full_like(batch["s"], p)
+                pos = torch.full_like(batch["b"], p)
                 kv = {}
                 with patching.neox_keys_values(lm, head[0], head[1], pos, store=kv):
                     lm.logits(batch["corrupted"])
                 with patching.neox_keys_values(lm, head[0], head[1], pos, values=kv["kv"]):
                     means.add(p, lm.logits(batch["clean"])[:, -1], batch["b"])
-    clean_p, clean_logit = means.get("clean")
+    clean = means.clean("clean")
     result = CircuitResult("offbyone", lm.family, lm.source.name, {**asdict(cfg), "component": component},
-                           clean_p, clean_logit)
+                           clean["p_B"], clean["logit_B"], clean={TABLE: clean})
     rows = []
     for p in POSITIONS:
         pp, lg = means.get(p)
-        rows.append({"position": p, "component": component, "delta_logit_B": lg - clean_logit,
-                     "delta_p_B": pp - clean_p})
-    result.rows["write at position p corrupted"] = rows
+        rows.append({"position": p, "component": component, "delta_logit_B": lg - clean["logit_B"],
+                     "delta_p_B": pp - clean["p_B"]})
+    result.rows[TABLE] = rows
     result.save(path)
     return result

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from .errors import UnivError  # noqa: E402
-from .induction import CircuitResult  # noqa: E402
+from .circuit import CircuitResult  # noqa: E402
 from .match import load_comparison  # noqa: E402
 
 RUNS = "runs"

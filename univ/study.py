@@ -19,11 +19,11 @@ from . import __version__, models
 from .cache import CacheConfig, run_cache
 from .errors import UnivError
 from .fit import FitConfig, run_fit
-from .induction import CircuitConfig, run_induction
+from .circuit import CircuitConfig
+from .induction import induction_path, run_induction
 from .match import MatchConfig
 from .match_stage import MatchRequest, run_match
-from .induction import result_path
-from .offbyone import run_offbyone
+from .offbyone import TABLE, offbyone_path, run_offbyone
 from .report import RUNS, write_report
 from .store import config_key
 
@@ -126,11 +126,11 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         obo_flags = [*flags, "--seq-len", s["offbyone_len"]]
         lm = models.load(model, device=cfg.device, dtype=circuit.dtype)
         with _stage("induction", _cmd("induction", *flags)):
-            induction.append(run_induction(lm, circuit, cfg.cache_dir))
+            induction.append(run_induction(lm, circuit, cfg.cache_dir, progress=progress))
         with _stage("offbyone", _cmd("offbyone", *obo_flags)):
-            offbyone.append(run_offbyone(lm, obo_cfg, cfg.cache_dir))
-        paths["induction"].append(str(result_path(cfg.cache_dir, lm, "induction", circuit)))
-        paths["offbyone"].append(str(result_path(cfg.cache_dir, lm, "offbyone-auto", obo_cfg)))
+            offbyone.append(run_offbyone(lm, obo_cfg, cfg.cache_dir, induction=circuit, progress=progress))
+        paths["induction"].append(str(induction_path(cfg.cache_dir, lm, circuit)))
+        paths["offbyone"].append(str(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit)))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
            "feature_scale": cfg.feature_scale,
            "dataset": cfg.dataset, "device": cfg.device, "dtype": cfg.dtype, "univ_version": __version__,
@@ -165,9 +165,9 @@ def summary(quality, comparisons, induction, offbyone) -> list[dict]:
         table = "state->logit" if r.family == "mamba" else "head->logit"
         top = r.rows[table][0]
         rows.append({"what": f"induction ({table})", "subject": r.model,
-                     "result": f"{top['component']}: p(B) {r.clean_p:.4f} -> {top['p_B']:.4f}"})
+                     "result": f"{top['component']}: p(B) {r.clean[table]['p_B']:.4f} -> {top['p_B']:.4f}"})
     for r in offbyone:
-        entries = r.rows["write at position p corrupted"]
+        entries = r.rows[TABLE]
         top = max(entries, key=lambda e: abs(e["delta_logit_B"]))
         rows.append({"what": "off-by-one", "subject": r.model,
                      "result": f"{r.config['component']}: largest change at p = {top['position']} "

@@ -1,0 +1,177 @@
+"""What the circuit analyses (`induction`, `offbyone`) share: their config, their result, the
+random sequences they draw from, and running means of p(B) and logit(B) over batches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import models
+from .errors import UnivError
+from .options import parse_layers
+from .store import config_key
+
+EFFECTS = ("direct", "total")
+
+
+@dataclass
+class CircuitConfig:
+    """Options shared by `induction` and `offbyone`."""
+
+    n_seqs: int = 256
+    """Sequences averaged over (every analysis but Mamba's state->logit; the authors: 65,536)."""
+    state_seqs: int | None = None
+    """Mamba state->logit: the first this-many sequences (None: all n_seqs; the authors: 2,048)."""
+    seq_len: int = 64
+    """Tokens per sequence (induction: 64; offbyone: 129)."""
+    seed: int = 0
+    """Seed of the random sequences."""
+    batch: int = 64
+    """Sequences per forward pass."""
+    device: str = "auto"
+    dtype: str = "fp32"
+    """Circuits run in float32 by default: Mamba's logits are ~64 and bf16 would blur p(B)."""
+    effect: str = "direct"
+    """'direct' (the authors' path patching: every other layer's last state / read-out / head
+    output frozen to its clean value) or 'total' (univ's variant: everything downstream recomputed)."""
+    conv_layers: str = "auto"
+    """Mamba: layers given conv->state->logit, e.g. '12,17'; auto: the two largest state->logit drops."""
+    conv_cumulative: bool = False
+    """Mamba: accumulate the conv input swaps as the authors' script did (s+2, then s+1 too, then s)."""
+    head: str | None = None
+    """GPT-NeoX: the induction head 'L.H' (or 'L5H0') for head->head (default: the top head->logit)."""
+    swap_decay: bool = False
+    """Off-by-One (Mamba): also take the decay Ā from the corrupted run, at p + 1 (the authors' notebook)."""
+
+
+@dataclass
+class CircuitResult:
+    experiment: str
+    family: str
+    model: str
+    config: dict
+    clean_p: float
+    clean_logit: float
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+    """Per analysis, one row per component: p_B, logit_B, drop (the analysis' clean p − patched p)."""
+    clean: dict[str, dict] = field(default_factory=dict)
+    """Per analysis, its sequences' clean p_B and logit_B, and how many (n_seqs)."""
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(asdict(self), indent=1) + "\n")
+        path.with_suffix(".tmp").replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> CircuitResult:
+        return cls(**json.loads(path.read_text()))
+
+
+def check(cfg: CircuitConfig, lm: models.LM, min_len: int = 4) -> None:
+    if cfg.seq_len < min_len:
+        raise UnivError(f"--seq-len must be at least {min_len}, not {cfg.seq_len}")
+    if cfg.n_seqs < 1:
+        raise UnivError(f"--n-seqs must be at least 1, not {cfg.n_seqs}")
+    if cfg.state_seqs is not None and cfg.state_seqs < 1:
+        raise UnivError(f"--state-seqs must be at least 1, not {cfg.state_seqs}")
+    if cfg.batch < 1:
+        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch}")
+    if cfg.effect not in EFFECTS:
+        raise UnivError(f"unknown --effect {cfg.effect!r} (use {' or '.join(EFFECTS)})")
+    if lm.family == "mamba" and cfg.head is not None:
+        raise UnivError("--head is a GPT-NeoX option (attention heads); Mamba has none")
+    if lm.family == "gpt_neox" and (cfg.conv_layers != "auto" or cfg.conv_cumulative):
+        raise UnivError("--conv-layers and --conv-cumulative are Mamba options; GPT-NeoX has no conv")
+    if lm.family == "gpt_neox" and cfg.swap_decay:
+        raise UnivError("--swap-decay is a Mamba option (the SSM's decay)")
+    if lm.family == "mamba" and cfg.conv_layers != "auto":
+        parse_layers(cfg.conv_layers, lm.n_layers)
+    if lm.family == "gpt_neox" and cfg.head is not None:
+        parse_head(cfg.head, lm)
+    if lm.source.max_ctx is not None and cfg.seq_len > lm.source.max_ctx:
+        raise UnivError(f"--seq-len {cfg.seq_len} is beyond the model's limit of {lm.source.max_ctx}")
+
+
+def parse_head(text: str, lm: models.LM) -> tuple[int, int]:
+    """'5.0' or 'L5H0' -> (5, 0), checked against the model."""
+    import re
+
+    m = re.fullmatch(r"\s*(?:L(\d+)H(\d+)|(\d+)\.(\d+))\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UnivError(f"--head must look like 5.0 or L5H0 (layer and head), not {text!r}")
+    layer, head = (int(v) for v in (m.group(1, 2) if m.group(1) else m.group(3, 4)))
+    H = lm.model.config.num_attention_heads
+    if not (0 <= layer < lm.n_layers and 0 <= head < H):
+        raise UnivError(f"head {text} is out of range: layers 0-{lm.n_layers - 1}, heads 0-{H - 1}")
+    return layer, head
+
+
+def token_ids(lm: models.LM) -> torch.Tensor:
+    """Ids the random sequences draw from: the tokenizer's, minus special tokens."""
+    n = min(len(lm.tokenizer), lm.model.config.vocab_size)
+    special = set(lm.tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(n) if i not in special])
+
+
+def other_ids(ids: torch.Tensor, avoid: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random id per entry, different from ``avoid``."""
+    out = ids[torch.randint(len(ids), avoid.shape, generator=g)]
+    clash = out == avoid
+    while clash.any():
+        out[clash] = ids[torch.randint(len(ids), (int(clash.sum()),), generator=g)]
+        clash = out == avoid
+    return out
+
+
+def _p_and_logit(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(len(target), device=logits.device)
+    logits = logits.float()
+    return F.softmax(logits, -1)[rows, target], logits[rows, target]
+
+
+class Means:
+    """Running means of p(B) and logit(B) over batches, per component."""
+
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, key, logits, target):
+        p, lg = _p_and_logit(logits, target)
+        s = self.sums.setdefault(key, [0.0, 0.0, 0])
+        s[0] += p.sum().item()
+        s[1] += lg.sum().item()
+        s[2] += len(p)
+
+    def get(self, key) -> tuple[float, float]:
+        s = self.sums[key]
+        return s[0] / s[2], s[1] / s[2]
+
+    def clean(self, key) -> dict:
+        p, lg = self.get(key)
+        return {"n_seqs": self.sums[key][2], "p_B": p, "logit_B": lg}
+
+    def rows(self, keys, clean_p: float, label) -> list[dict]:
+        """One row per component, ranked by the drop in p(B)."""
+        rows = []
+        for key in keys:
+            p, lg = self.get(key)
+            rows.append({"component": label(key), "p_B": p, "logit_B": lg, "drop": clean_p - p})
+        return sorted(rows, key=lambda r: -r["drop"])
+
+
+def batches(data: dict, size: int, device, limit: int | None = None):
+    """The sequences' tensors, ``size`` sequences at a time (the first ``limit`` only, if given)."""
+    n = min(len(data["b"]), limit or len(data["b"]))
+    for lo in range(0, n, size):
+        yield {k: v[lo:min(lo + size, n)].to(device) for k, v in data.items()}
+
+
+def result_path(cache_dir: Path, lm: models.LM, experiment: str, cfg: CircuitConfig, **extra) -> Path:
+    from .cache import model_key
+
+    key = config_key({**asdict(cfg), **extra})
+    return cache_dir / "circuits" / model_key(lm.source, lm.dtype) / f"{experiment}-{key}.json"
