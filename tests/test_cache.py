@@ -167,3 +167,17 @@ def test_a_pad_setting_does_not_split_the_token_store(assets, tmp_path):
     second = run_cache(CacheConfig(models=[str(no_pad)], dataset=str(assets["corpus"]), tokens=1500, ctx_len=24,
                                    chunk_tokens=96, batch_size=3, cache_dir=tmp_path / "cache"), progress=False)
     assert first.tokens_key == second.tokens_key
+
+
+def test_store_dtype_keeps_the_fp32_forward_and_stores_bf16(assets, tmp_path):
+    """The study's setting: models in fp32, activations stored in bf16 (--store-dtype)."""
+    plain = run_cache(_cfg(assets, tmp_path, "mamba", dtype="fp32", layers="1"), progress=False)
+    stored = run_cache(_cfg(assets, tmp_path, "mamba", dtype="fp32", store_dtype="bf16", layers="1"), progress=False)
+    assert stored.models[0].store != plain.models[0].store  # its own key
+    a, b = (Store.read(Path(r.models[0].store) / "resid_post.1") for r in (plain, stored))
+    assert b.config["store_dtype"] == "bfloat16" and b.config["dtype"] == "float32"
+    assert "store_dtype" not in a.config  # the default keeps the keys stores had before the option
+    for i in a.chunks:
+        fp32, bf16 = a.read_chunk(i)["acts"], b.read_chunk(i)["acts"]
+        assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+        assert torch.equal(fp32.to(torch.bfloat16), bf16)

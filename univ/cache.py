@@ -41,7 +41,10 @@ class CacheConfig:
     batch_size: int = 16
     """Contexts per forward pass."""
     dtype: str = "auto"
-    """Forward and storage dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    """Forward dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    store_dtype: str = "auto"
+    """Storage dtype of the activations: auto (the forward dtype), bf16, fp16 or fp32. The study
+    ran its models in fp32 and stored bf16."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda or cuda:N."""
     seed: int = 42
@@ -78,11 +81,22 @@ class CacheResult(NamedTuple):
     models: list[ModelCacheSummary]
 
 
-def model_key(src: models.ModelSource, dtype: torch.dtype) -> str:
-    """Folder name of a model's activations: readable prefix plus a hash of what fixes its values."""
+def model_key(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype | None = None) -> str:
+    """Folder name of a model's activations (or circuit results): readable prefix plus a hash of
+    what fixes its values. A storage dtype other than the forward dtype is part of it."""
     key_config = {"model": "local" if src.is_local else src.ref, "revision": src.revision,
-                  "layout": src.layout, "dtype": str(dtype).removeprefix("torch.")}
+                  "layout": src.layout, "dtype": _name(dtype), **_stored_as(dtype, store_dtype)}
     return f"{slug(src.short_name)}-{config_key(key_config)}"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _stored_as(dtype: torch.dtype, store_dtype: torch.dtype | None) -> dict:
+    """{'store_dtype': name} when activations are stored in another dtype than computed, else {}
+    (so stores cached before the option existed keep their keys)."""
+    return {"store_dtype": _name(store_dtype)} if store_dtype not in (None, dtype) else {}
 
 
 def _data_identity(dataset: str) -> dict:
@@ -190,10 +204,11 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     store.set_complete(True)
 
 
-def _act_config(src: models.ModelSource, dtype: torch.dtype, tokens_key: str, layer: int, hook: str) -> dict:
+def _act_config(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype, tokens_key: str, layer: int,
+                hook: str) -> dict:
     return {"model": {"ref": "local" if src.is_local else src.ref, "revision": src.revision,
                       "layout": src.layout, "family": src.family},
-            "dtype": str(dtype).removeprefix("torch."), "tokens_store": tokens_key,
+            "dtype": _name(dtype), **_stored_as(dtype, store_dtype), "tokens_store": tokens_key,
             "hook": resid_hook(layer, hook), "layer": layer, "d_model": src.d_model}
 
 
@@ -202,14 +217,16 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
     """Fill (or verify) one model's activation stores for the requested layers."""
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
+    store_dtype = dtype if cfg.store_dtype == "auto" else models.resolve_dtype(cfg.store_dtype, device)
     layers = parse_layers(cfg.layers, src.n_layers)
-    mkey = model_key(src, dtype)
+    mkey = model_key(src, dtype, store_dtype)
     root = acts_dir(cfg.cache_dir, mkey, tokens_key, "")
     with Lock(root):
         stores = {}
         for layer in layers:
             s = Store.open_or_create(acts_dir(cfg.cache_dir, mkey, tokens_key, resid_hook(layer, cfg.hook)), "acts",
-                                     _act_config(src, dtype, tokens_key, layer, cfg.hook), force=cfg.force)
+                                     _act_config(src, dtype, store_dtype, tokens_key, layer, cfg.hook),
+                                     force=cfg.force)
             s.manifest["model_name"] = src.name
             s.clean_temporaries()
             stores[layer] = s
@@ -217,7 +234,7 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
         todo = {i: [layer for layer in layers if i not in intact[layer]] for i in sorted(tstore.chunks)}
         todo = {i: missing for i, missing in todo.items() if missing}
         if todo:
-            _forward_chunks(cfg, src, device, dtype, tstore, stores, todo, progress)
+            _forward_chunks(cfg, src, device, dtype, store_dtype, tstore, stores, todo, progress)
         for s in stores.values():
             if not s.complete:
                 s.set_complete(True)
@@ -227,7 +244,7 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
                              round(seconds, 2), round(rows / seconds) if seconds else 0.0)
 
 
-def _forward_chunks(cfg, src, device, dtype, tstore: Store, stores: dict[int, Store],
+def _forward_chunks(cfg, src, device, dtype, store_dtype, tstore: Store, stores: dict[int, Store],
                     todo: dict[int, list[int]], progress: bool) -> None:
     lm = models.load_source(src, device, dtype)
     chunk_rows = tstore.chunks
@@ -235,11 +252,12 @@ def _forward_chunks(cfg, src, device, dtype, tstore: Store, stores: dict[int, St
                unit="tok", unit_scale=True, disable=None if progress else True)
     with bar:
         for index, layers in todo.items():
-            _forward_chunk(cfg, lm, tstore, index, layers, stores)
+            _forward_chunk(cfg, lm, tstore, index, layers, stores, store_dtype)
             bar.update(chunk_rows[index]["rows"])
 
 
-def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores: dict[int, Store]) -> None:
+def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores: dict[int, Store],
+                   store_dtype: torch.dtype) -> None:
     """One token chunk through the model; one activation chunk per missing layer."""
     chunk = tstore.read_chunk(index)
     tokens, mask = chunk["tokens"], chunk["mask"]
@@ -251,7 +269,7 @@ def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores
         resid = lm.activations(cfg.hook, t[:, :width].long(), layers)
         m = m[:, :width].to(resid.device)
         for j, layer in enumerate(layers):
-            parts[layer].append(resid[j][m].cpu())
+            parts[layer].append(resid[j][m].to(store_dtype).cpu())
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -284,7 +302,10 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
         if fp != prints[0]:
             raise UnivError(f"{sources[0].name} and {src.name} have different tokenizers, "
                             "so their activations cannot be paired token for token")
-    models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device))
+    device = models.resolve_device(cfg.device)
+    models.resolve_dtype(cfg.dtype, device)
+    if cfg.store_dtype != "auto":
+        models.resolve_dtype(cfg.store_dtype, device)
     ensure_writable(cfg.cache_dir)
     key, tstore = build_token_store(cfg, tokenizers[0], progress)
     summaries = [cache_model(cfg, src, key, tstore, progress) for src in sources]

@@ -33,7 +33,8 @@ app = typer.Typer(
 FormatOpt = typer.Option(Format.github, "--format", help="Table format on stdout.")
 CacheDirOpt = typer.Option(Path("univ-cache"), "--cache-dir", envvar="UNIV_CACHE", help="Cache root.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N.")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
+DtypeOpt = typer.Option("auto", "--dtype", help="Forward dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
+StoreDtypeOpt = typer.Option("auto", "--store-dtype", help="Dtype the activations are stored in: auto (the forward dtype), bf16, fp16, fp32.")
 DEFAULT_DATASET = "Skylion007/openwebtext"
 FeatureScaleOpt = typer.Option(
     "raw", "--feature-scale",
@@ -96,6 +97,7 @@ def cache(
     layers: str = typer.Option("all", "--layers", help="'all' or e.g. '0,3,5-7'."),
     batch_size: int = typer.Option(16, "--batch-size", help="Contexts per forward pass."),
     dtype: str = DtypeOpt,
+    store_dtype: str = StoreDtypeOpt,
     device: str = DeviceOpt,
     seed: int = typer.Option(42, "--seed", help="Seed of the document order."),
     split: str = typer.Option("train", "--split", help="Dataset split (Hugging Face datasets)."),
@@ -112,7 +114,7 @@ def cache(
 
     cfg = CacheConfig(
         models=model, dataset=dataset, tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len,
-        layers=layers, batch_size=batch_size, dtype=dtype, device=device, seed=seed, split=split,
+        layers=layers, batch_size=batch_size, dtype=dtype, store_dtype=store_dtype, device=device, seed=seed, split=split,
         dataset_revision=dataset_revision, text_field=text_field, chunk_tokens=parse_count(chunk_tokens, "--chunk-tokens"),
         cache_dir=cache_dir, force=force, hook=hook,
     )
@@ -141,6 +143,7 @@ def fit_sae(
     tokens: str = typer.Option("1M", "--tokens", help="With --model: kept tokens of the activation store."),
     ctx_len: int = typer.Option(1024, "--ctx-len", help="With --model: tokens per context."),
     dtype: str = DtypeOpt,
+    store_dtype: str = StoreDtypeOpt,
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     force: bool = typer.Option(False, "--force", help="Retrain even when a finished SAE exists."),
@@ -158,7 +161,7 @@ def fit_sae(
     cache_cfg = None
     if model is not None:
         cache_cfg = CacheConfig(models=[model], dataset=dataset, tokens=parse_count(tokens, "--tokens"),
-                                ctx_len=ctx_len, dtype=dtype, device=device, cache_dir=cache_dir)
+                                ctx_len=ctx_len, dtype=dtype, store_dtype=store_dtype, device=device, cache_dir=cache_dir)
     results = run_fit(cfg, layers, cache_dir, cache_cfg=cache_cfg, acts=acts)
     rows = [r._asdict() for r in results]
     if fmt is not Format.json:
@@ -202,6 +205,7 @@ def match(
     sae_batch_size: int = typer.Option(4096, "--sae-batch-size", help="SAE batch size."),
     seed: int = typer.Option(42, "--seed", help="SAE seed (the sae-seed skyline uses seed + 1)."),
     dtype: str = DtypeOpt,
+    store_dtype: str = StoreDtypeOpt,
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     fmt: Format = FormatOpt,
@@ -216,7 +220,8 @@ def match(
         model_a=model_a, model_b=model_b, model_c=model_c, acts_a=acts_a, acts_b=acts_b, saes_a=saes_a, saes_b=saes_b,
         layers_a=layers_a, layers_b=layers_b, baselines=baseline, skylines=skyline, neurons=neurons,
         neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
-        data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype, device=device),
+        data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype,
+                         store_dtype=store_dtype, device=device),
         fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, seed, device),
         match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, feature_scale=feature_scale, device=device),
         cache_dir=cache_dir)
@@ -351,8 +356,11 @@ def all_(
     offbyone_len: int = typer.Option(None, "--offbyone-len", help="Override: length of the off-by-one sequences (129)."),
     neurons: bool = typer.Option(None, "--neurons/--no-neurons", help="Override: match neurons too."),
     feature_scale: str = FeatureScaleOpt,
+    state_seqs: int = typer.Option(None, "--state-seqs", help="Override: sequences of Mamba's state->logit."),
+    offbyone_seqs: int = typer.Option(None, "--offbyone-seqs", help="Override: sequences of the off-by-one analysis."),
     dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus."),
-    dtype: str = DtypeOpt,
+    dtype: str = typer.Option(None, "--dtype", help="Override: forward dtype of caching (paper: fp32; else auto)."),
+    store_dtype: str = typer.Option(None, "--store-dtype", help="Override: storage dtype of the activations (paper: bf16; else auto)."),
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
@@ -365,10 +373,11 @@ def all_(
                      expansion=expansion, k=k, l1=l1, sae_batch_size=sae_batch_size,
                      sae_train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None,
                      neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens") if neuron_tokens else None,
-                     n_seqs=n_seqs, offbyone_len=offbyone_len, neurons=neurons)
+                     n_seqs=n_seqs, state_seqs=state_seqs, offbyone_seqs=offbyone_seqs, offbyone_len=offbyone_len,
+                     neurons=neurons, dtype=dtype, store_dtype=store_dtype)
     result = run_all(StudyConfig(model_a=model_a, model_b=model_b, model_c=model_c, preset=preset, overrides=overrides,
-                                 dataset=dataset, feature_scale=feature_scale, device=device, dtype=dtype,
-                                 cache_dir=cache_dir, out=out))
+                                 dataset=dataset, feature_scale=feature_scale, device=device, cache_dir=cache_dir,
+                                 out=out))
     tables = {"summary": result.summary}
     if fmt is Format.json:
         tables["run"] = [{"run": str(result.run_file), **result.report}]

@@ -30,16 +30,21 @@ from .store import config_key
 PRESETS: dict[str, dict] = {
     # CPU, minutes: a taste of every stage.
     "smoke": dict(tokens=20_000, ctx_len=128, arch="topk", expansion=4, k=16, l1=5.0, sae_batch_size=512,
-                  sae_train_tokens=None, neuron_tokens=5_000, n_seqs=16, offbyone_len=129,
+                  sae_train_tokens=None, neuron_tokens=5_000, n_seqs=16, state_seqs=None, offbyone_seqs=16,
+                  offbyone_len=129, dtype="auto", store_dtype="auto",
                   baselines=["random-init"], skylines=["sae-seed"], neurons=True),
     # One GPU, well under an hour.
     "quick": dict(tokens=200_000, ctx_len=1024, arch="relu", expansion=8, k=32, l1=5.0, sae_batch_size=4096,
-                  sae_train_tokens=None, neuron_tokens=50_000, n_seqs=64, offbyone_len=129,
+                  sae_train_tokens=None, neuron_tokens=50_000, n_seqs=1024, state_seqs=None, offbyone_seqs=128,
+                  offbyone_len=129, dtype="auto", store_dtype="auto",
                   baselines=["random-init"], skylines=["sae-seed"], neurons=True),
     # The study's sizes: 1024-token contexts, SAEs (32x, ReLU + L1) on every layer, MPPC over
-    # 1M tokens, every reference point (model-seed when --model-c is given), neurons over 100K.
+    # 1M tokens, every reference point (model-seed when --model-c is given), neurons over 100K;
+    # models run in fp32, activations stored in bf16; the authors' circuit sizes: 65,536 sequences
+    # (2,048 for Mamba's state->logit), Off-by-One 128 x 129.
     "paper": dict(tokens=1_000_000, ctx_len=1024, arch="relu", expansion=32, k=32, l1=5.0, sae_batch_size=4096,
-                  sae_train_tokens=None, neuron_tokens=100_000, n_seqs=256, offbyone_len=129,
+                  sae_train_tokens=None, neuron_tokens=100_000, n_seqs=65_536, state_seqs=2_048, offbyone_seqs=128,
+                  offbyone_len=129, dtype="fp32", store_dtype="bf16",
                   baselines=["random-init"], skylines=["sae-seed", "model-seed"], neurons=True),
 }
 
@@ -57,7 +62,6 @@ class StudyConfig:
     feature_scale: str = "raw"
     """What MPPC correlates (see MatchConfig.feature_scale)."""
     device: str = "auto"
-    dtype: str = "auto"
     cache_dir: Path = Path("univ-cache")
     out: Path | None = None
     """Report folder (default: <cache_dir>/report)."""
@@ -93,11 +97,12 @@ def _cmd(*parts) -> str:
 def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     s = cfg.settings()
     a, b = cfg.model_a, cfg.model_b
-    data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=cfg.dtype,
-                       device=cfg.device, cache_dir=cfg.cache_dir)
+    data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=s["dtype"],
+                       store_dtype=s["store_dtype"], device=cfg.device, cache_dir=cfg.cache_dir)
     fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
                     train_tokens=s["sae_train_tokens"], device=cfg.device)
-    common = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--cache-dir", cfg.cache_dir]
+    common = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--dtype", s["dtype"],
+              "--store-dtype", s["store_dtype"], "--cache-dir", cfg.cache_dir]
     sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
     everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
     with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common)):
@@ -118,12 +123,14 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
                    "--feature-scale", cfg.feature_scale]
     with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, *common)):
         comparisons = run_match(req, progress)
-    circuit = CircuitConfig(n_seqs=s["n_seqs"], device=cfg.device)
-    obo_cfg = dataclasses.replace(circuit, seq_len=s["offbyone_len"])
+    circuit = CircuitConfig(n_seqs=s["n_seqs"], state_seqs=s["state_seqs"], device=cfg.device)
+    obo_cfg = dataclasses.replace(circuit, n_seqs=s["offbyone_seqs"], state_seqs=None, seq_len=s["offbyone_len"])
     induction, offbyone, paths = [], [], {"induction": [], "offbyone": []}
     for model in (a, b):
-        flags = ["--model", model, "--n-seqs", s["n_seqs"], "--device", cfg.device, "--cache-dir", cfg.cache_dir]
-        obo_flags = [*flags, "--seq-len", s["offbyone_len"]]
+        where = ["--device", cfg.device, "--cache-dir", cfg.cache_dir]
+        flags = ["--model", model, "--n-seqs", s["n_seqs"], *(["--state-seqs", s["state_seqs"]] if s["state_seqs"] else []),
+                 *where]
+        obo_flags = ["--model", model, "--n-seqs", s["offbyone_seqs"], "--seq-len", s["offbyone_len"], *where]
         lm = models.load(model, device=cfg.device, dtype=circuit.dtype)
         with _stage("induction", _cmd("induction", *flags)):
             induction.append(run_induction(lm, circuit, cfg.cache_dir, progress=progress))
@@ -133,9 +140,9 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         paths["offbyone"].append(str(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit)))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
            "feature_scale": cfg.feature_scale,
-           "dataset": cfg.dataset, "device": cfg.device, "dtype": cfg.dtype, "univ_version": __version__,
+           "dataset": cfg.dataset, "device": cfg.device, "univ_version": __version__,
            "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths}
-    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset", "dtype",
+    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
                                           "feature_scale")})
     run_file = cfg.cache_dir / RUNS / key / "run.json"
     run_file.parent.mkdir(parents=True, exist_ok=True)
