@@ -323,3 +323,66 @@ def test_offbyone_equals_the_authors_notebook(assets, tmp_path, swap_decay):
         logits = _reference(model, data["clean"], {**frozen, layer: lambda tr, h=h: (h * tr.C[:, -1, None, :]).sum(-1)})
         assert row["delta_logit_B"] == pytest.approx(logits[torch.arange(6), data["b"]].mean().item() - base,
                                                      rel=1e-4, abs=1e-5), p
+
+
+def test_neox_k_composition_equals_the_authors_script(assets, tmp_path):
+    """head_to_head_to_logit.py, transliterated with hooks of its own: an earlier head's output at
+    s+1 from the random run, every other head at s+1 frozen clean; the induction head's output at
+    the last position from that run spliced into the clean run, every other head there frozen.
+    Four layers and the induction head in layer 2, so that both freezes matter."""
+    lm = models.load(str(build_neox(tmp_path / "neox4", assets["tokenizer"], layers=4, seed=4)), device="cpu")
+    cfg = CircuitConfig(n_seqs=8, seq_len=16, batch=8, device="cpu", head="L2H0")
+    data = induction_data(lm, cfg)
+    rows, s1, last, dh, ind = torch.arange(8), data["s"] + 1, cfg.seq_len - 1, 8, 2
+
+    @torch.no_grad()
+    def run_with(tokens, edits):
+        """Logits at the last position; edits[layer](z) returns the attention.dense input to use."""
+        seen = {}
+
+        def hook(layer, fn):
+            def pre(module, args):
+                seen[layer] = args[0].clone()
+                return (fn(args[0].clone()), *args[1:])
+            return pre
+
+        handles = [lm.blocks()[i].attention.dense.register_forward_pre_hook(hook(i, edits.get(i, lambda z: z)))
+                   for i in range(lm.n_layers)]
+        try:
+            return lm.model(input_ids=tokens).logits[:, -1], seen
+        finally:
+            for h in handles:
+                h.remove()
+
+    _, z_clean = run_with(data["clean"], {})
+    _, z_rand = run_with(data["random"], {})
+    expected = {}
+    for layer in range(ind):
+        for head in range(4):
+            def at_s1(i, layer=layer, head=head):
+                def edit(z):
+                    z[rows, s1] = z_clean[i][rows, s1]
+                    if i == layer:
+                        z[rows, s1, head * dh:(head + 1) * dh] = z_rand[i][rows, s1, head * dh:(head + 1) * dh]
+                    return z
+                return edit
+
+            _, z_mid = run_with(data["clean"], {i: at_s1(i) for i in range(ind)})
+
+            def at_last(i, z_mid=z_mid):
+                def edit(z):
+                    z[:, last] = z_clean[i][:, last]
+                    if i == ind:
+                        z[:, last, :dh] = z_mid[ind][:, last, :dh]
+                    return z
+                return edit
+
+            logits, _ = run_with(data["clean"], {i: at_last(i) for i in range(lm.n_layers)})
+            expected[f"L{layer}H{head}"] = torch.softmax(logits, -1)[rows, data["b"]].mean().item()
+    table = "head->L2H0 (K-composition)"
+    got = {row["component"]: row["p_B"] for row in run_induction(lm, cfg, tmp_path).rows[table]}
+    assert got.keys() == expected.keys()
+    for name, p in expected.items():
+        assert got[name] == pytest.approx(p, rel=1e-5), name
+    total = run_induction(lm, dataclasses.replace(cfg, effect="total"), tmp_path).rows[table]
+    assert max(abs(got[row["component"]] - row["p_B"]) for row in total) > 1e-7  # the freezes matter here

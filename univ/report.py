@@ -73,14 +73,14 @@ def depth_figure(c, out: Path) -> str:
 
 
 def mamba_bars(r: CircuitResult, out: Path) -> str:
-    fig, ax = _fig(f"{r.model}: induction path patching per layer\n(clean p(B) = {r.clean_p:.4f})",
+    fig, ax = _fig(f"{r.model}: induction path patching per layer ({r.config.get('effect', 'direct')} effect)",
                    "layer", "p(B) after patching")
     for offset, (table, color) in enumerate((("state->logit", "tab:blue"), ("y->logit", "tab:orange"))):
         rows = sorted(r.rows[table], key=lambda x: int(x["component"].split()[1]))
         layers = [int(x["component"].split()[1]) for x in rows]
         ax.bar(np.array(layers) + (offset - 0.5) * 0.4, [x["p_B"] for x in rows], width=0.4, color=color, label=table)
+        ax.axhline(r.clean[table]["p_B"], color=color, linestyle="--", linewidth=1, label=f"{table}: clean")
     ax.set_xticks(layers)
-    ax.axhline(r.clean_p, color="black", linestyle="--", linewidth=1, label="clean")
     ax.legend()
     ax.title.set_fontsize(9)
     return _save(fig, out / f"induction_{_safe(r.model)}.png")
@@ -148,9 +148,11 @@ def write_report(run_file: Path, out: Path) -> dict:
     if main is not None:
         lines += ["## Depth map", "", _md(main.depth_table()), ""]
     for r in circuits.get("induction", []):
-        lines += [f"## Induction: {r.model} (clean p(B) = {r.clean_p:.4g})", ""]
+        lines += [f"## Induction: {r.model} ({r.config.get('effect', 'direct')} effect)", ""]
         for name, rows in r.rows.items():
-            lines += [f"### {name} (top 10 by drop in p(B))", "", _md(rows[:10]), ""]
+            clean = r.clean[name]
+            lines += [f"### {name} (top 10 by drop in p(B); clean p(B) = {clean['p_B']:.4g} over {clean['n_seqs']} "
+                      "sequences)", "", _md(rows[:10]), ""]
     if circuits.get("offbyone"):
         lines += ["## Off-by-One", ""]
         for r in circuits["offbyone"]:
