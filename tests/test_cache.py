@@ -50,6 +50,8 @@ def test_cached_rows_are_the_models_residuals_at_kept_positions(assets, tmp_path
     for summary, name in zip(result.models, ["neox", "mamba"]):
         lm = models.load(str(assets[name]), device="cpu")
         expected = lm.resid(tokens, list(range(lm.n_layers)))
+        if name == "neox":  # read through LayerNorm: stored centred, as TransformerLens caches it
+            expected = expected - expected.mean(-1, keepdim=True)
         assert summary.rows == 1500 and summary.d_model == 32
         for layer in range(lm.n_layers):
             store = Store.read(Path(summary.store) / f"resid_post.{layer}")
@@ -181,3 +183,25 @@ def test_store_dtype_keeps_the_fp32_forward_and_stores_bf16(assets, tmp_path):
         fp32, bf16 = a.read_chunk(i)["acts"], b.read_chunk(i)["acts"]
         assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
         assert torch.equal(fp32.to(torch.bfloat16), bf16)
+
+
+def test_gpt_neox_streams_are_centred_as_transformer_lens_leaves_them(assets, tmp_path):
+    """The per-token mean over d_model of a GPT-NeoX residual stream is invisible to the model
+    (every block and the final norm read it through LayerNorm), so centring it, as
+    TransformerLens' default processing does and as the authors cached Pythia, loses nothing.
+    Mamba reads through RMSNorm, which sees the mean: never centred. --centre none stores raw."""
+    lm = models.load(str(assets["neox"]), device="cpu")
+    tokens = torch.randint(3, 300, (2, 12))
+    centre = lambda h: h - h.mean(-1, keepdim=True)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(lm.logits(tokens, {0: centre}), lm.logits(tokens), rtol=1e-4, atol=1e-5)
+    centred = run_cache(_cfg(assets, tmp_path, "neox", "mamba", layers="1"), progress=False)
+    raw = run_cache(_cfg(assets, tmp_path, "neox", "mamba", layers="1", centre="none"), progress=False)
+    neox = [Store.read(Path(r.models[0].store) / "resid_post.1") for r in (centred, raw)]
+    mamba = [Store.read(Path(r.models[1].store) / "resid_post.1") for r in (centred, raw)]
+    assert neox[0].config["centred"] and "centred" not in neox[1].config and neox[0].path != neox[1].path
+    assert mamba[0].path == mamba[1].path and "centred" not in mamba[0].config
+    for i in neox[0].chunks:
+        c, r = neox[0].read_chunk(i)["acts"], neox[1].read_chunk(i)["acts"]
+        torch.testing.assert_close(c, r - r.mean(-1, keepdim=True))
+        assert r.mean(-1).abs().max() > 1e-3

@@ -63,6 +63,11 @@ class CacheConfig:
     """Recompute the activation stores even when complete."""
     hook: str = "resid_post"
     """What to cache: 'resid_post' (residual stream after each block) or 'neurons'."""
+    centre: str = "layernorm"
+    """'layernorm': the residual stream of a model that reads it through LayerNorm (GPT-NeoX) is
+    stored minus its per-token mean over d_model, which the model cannot see. TransformerLens'
+    default processing does that, and the authors cached Pythia through it (Mamba's RMSNorm sees
+    the mean: never centred). 'none': stored as the model computes it."""
 
 
 class ModelCacheSummary(NamedTuple):
@@ -81,11 +86,14 @@ class CacheResult(NamedTuple):
     models: list[ModelCacheSummary]
 
 
-def model_key(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype | None = None) -> str:
+def model_key(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype | None = None,
+              centred: bool = False) -> str:
     """Folder name of a model's activations (or circuit results): readable prefix plus a hash of
-    what fixes its values. A storage dtype other than the forward dtype is part of it."""
+    what fixes its values. A storage dtype other than the forward dtype, and centring, are part
+    of it (only when used, so that stores cached before these options keep their keys)."""
     key_config = {"model": "local" if src.is_local else src.ref, "revision": src.revision,
-                  "layout": src.layout, "dtype": _name(dtype), **_stored_as(dtype, store_dtype)}
+                  "layout": src.layout, "dtype": _name(dtype), **_stored_as(dtype, store_dtype),
+                  **({"centred": True} if centred else {})}
     return f"{slug(src.short_name)}-{config_key(key_config)}"
 
 
@@ -205,11 +213,11 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
 
 
 def _act_config(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype, tokens_key: str, layer: int,
-                hook: str) -> dict:
+                hook: str, centred: bool) -> dict:
     return {"model": {"ref": "local" if src.is_local else src.ref, "revision": src.revision,
                       "layout": src.layout, "family": src.family},
-            "dtype": _name(dtype), **_stored_as(dtype, store_dtype), "tokens_store": tokens_key,
-            "hook": resid_hook(layer, hook), "layer": layer, "d_model": src.d_model}
+            "dtype": _name(dtype), **_stored_as(dtype, store_dtype), **({"centred": True} if centred else {}),
+            "tokens_store": tokens_key, "hook": resid_hook(layer, hook), "layer": layer, "d_model": src.d_model}
 
 
 def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tstore: Store,
@@ -219,13 +227,14 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
     dtype = models.resolve_dtype(cfg.dtype, device)
     store_dtype = dtype if cfg.store_dtype == "auto" else models.resolve_dtype(cfg.store_dtype, device)
     layers = parse_layers(cfg.layers, src.n_layers)
-    mkey = model_key(src, dtype, store_dtype)
+    centred = cfg.hook == "resid_post" and models.centred(src, cfg.centre)
+    mkey = model_key(src, dtype, store_dtype, centred)
     root = acts_dir(cfg.cache_dir, mkey, tokens_key, "")
     with Lock(root):
         stores = {}
         for layer in layers:
             s = Store.open_or_create(acts_dir(cfg.cache_dir, mkey, tokens_key, resid_hook(layer, cfg.hook)), "acts",
-                                     _act_config(src, dtype, store_dtype, tokens_key, layer, cfg.hook),
+                                     _act_config(src, dtype, store_dtype, tokens_key, layer, cfg.hook, centred),
                                      force=cfg.force)
             s.manifest["model_name"] = src.name
             s.clean_temporaries()
@@ -234,7 +243,7 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
         todo = {i: [layer for layer in layers if i not in intact[layer]] for i in sorted(tstore.chunks)}
         todo = {i: missing for i, missing in todo.items() if missing}
         if todo:
-            _forward_chunks(cfg, src, device, dtype, store_dtype, tstore, stores, todo, progress)
+            _forward_chunks(cfg, src, device, dtype, store_dtype, centred, tstore, stores, todo, progress)
         for s in stores.values():
             if not s.complete:
                 s.set_complete(True)
@@ -244,7 +253,7 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
                              round(seconds, 2), round(rows / seconds) if seconds else 0.0)
 
 
-def _forward_chunks(cfg, src, device, dtype, store_dtype, tstore: Store, stores: dict[int, Store],
+def _forward_chunks(cfg, src, device, dtype, store_dtype, centred: bool, tstore: Store, stores: dict[int, Store],
                     todo: dict[int, list[int]], progress: bool) -> None:
     lm = models.load_source(src, device, dtype)
     chunk_rows = tstore.chunks
@@ -252,12 +261,12 @@ def _forward_chunks(cfg, src, device, dtype, store_dtype, tstore: Store, stores:
                unit="tok", unit_scale=True, disable=None if progress else True)
     with bar:
         for index, layers in todo.items():
-            _forward_chunk(cfg, lm, tstore, index, layers, stores, store_dtype)
+            _forward_chunk(cfg, lm, tstore, index, layers, stores, store_dtype, centred)
             bar.update(chunk_rows[index]["rows"])
 
 
 def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores: dict[int, Store],
-                   store_dtype: torch.dtype) -> None:
+                   store_dtype: torch.dtype, centred: bool) -> None:
     """One token chunk through the model; one activation chunk per missing layer."""
     chunk = tstore.read_chunk(index)
     tokens, mask = chunk["tokens"], chunk["mask"]
@@ -266,7 +275,7 @@ def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores
     for b in range(0, len(tokens), cfg.batch_size):
         t, m = tokens[b:b + cfg.batch_size], mask[b:b + cfg.batch_size]
         width = int(m.any(0).nonzero().max()) + 1  # causal models: later positions change nothing
-        resid = lm.activations(cfg.hook, t[:, :width].long(), layers)
+        resid = lm.activations(cfg.hook, t[:, :width].long(), layers, centre=centred)
         m = m[:, :width].to(resid.device)
         for j, layer in enumerate(layers):
             parts[layer].append(resid[j][m].to(store_dtype).cpu())
@@ -293,6 +302,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
         raise UnivError(f"unknown hook {cfg.hook!r} (use {' or '.join(HOOKS)})")
     sources = [models.resolve(name) for name in cfg.models]
     for src in sources:
+        models.centred(src, cfg.centre)
         parse_layers(cfg.layers, src.n_layers)
         if src.max_ctx is not None and cfg.ctx_len > src.max_ctx:
             raise UnivError(f"--ctx-len {cfg.ctx_len} is beyond {src.name}'s limit of {src.max_ctx} tokens")

@@ -255,7 +255,10 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
             metrics = evaluate(sae, eval_rows[ld.layer])
             if load_lm is not None and tstore is not None:
                 lm = lm or load_lm()
-                metrics["loss_recovered"] = loss_recovered(lm, ld.layer, sae.reconstruct, tstore, n_eval,
+                # A centred store's SAE sees the stream minus its mean, which the model cannot see.
+                recon = (lambda h, sae=sae: sae.reconstruct(h - h.mean(-1, keepdim=True))) \
+                    if ld.store.config.get("centred") else sae.reconstruct
+                metrics["loss_recovered"] = loss_recovered(lm, ld.layer, recon, tstore, n_eval,
                                                            cfg.loss_recovered_contexts)
             else:
                 metrics["loss_recovered"] = None

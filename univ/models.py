@@ -295,10 +295,18 @@ class LM:
         """The study's 'neurons' of the given layers: [len(layers), batch, pos, width]."""
         raise NotImplementedError
 
-    def activations(self, hook: str, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
-        """resid_post or neurons, by hook kind."""
+    reads_through_layernorm = False
+    """Every block reads the residual stream through LayerNorm, so its per-token mean over d_model
+    is invisible to the model; TransformerLens' default processing removes it."""
+
+    def activations(self, hook: str, tokens: torch.Tensor, layers: list[int], centre: bool = False) -> torch.Tensor:
+        """resid_post or neurons, by hook kind. ``centre``: resid_post minus its per-token mean over
+        d_model, for a model that reads through LayerNorm (what TransformerLens caches)."""
         if hook == "resid_post":
-            return self.resid(tokens, layers)
+            resid = self.resid(tokens, layers)
+            if centre and self.reads_through_layernorm:
+                resid = (resid.float() - resid.float().mean(-1, keepdim=True)).to(resid.dtype)
+            return resid
         if hook == "neurons":
             return self.neurons(tokens, layers)
         raise UnivError(f"unknown hook {hook!r} (use resid_post or neurons)")
@@ -324,6 +332,7 @@ class LM:
 
 class GPTNeoXLM(LM):
     family = "gpt_neox"
+    reads_through_layernorm = True
 
     def body(self):
         return self.model.gpt_neox
@@ -370,6 +379,16 @@ def has_mamba_kernels() -> bool:
 
 
 ADAPTERS = {"gpt_neox": GPTNeoXLM, "mamba": MambaLM}
+
+
+def centred(src: ModelSource, centre: str) -> bool:
+    """Whether `centre` ('layernorm' or 'none') centres this model's residual stream."""
+    if centre not in CENTRES:
+        raise UnivError(f"unknown --centre {centre!r} (use {' or '.join(CENTRES)})")
+    return centre == "layernorm" and ADAPTERS[src.family].reads_through_layernorm
+
+
+CENTRES = ("layernorm", "none")
 
 
 def mamba_ssm_to_hf_config(cfg: dict):

@@ -61,6 +61,8 @@ class StudyConfig:
     dataset: str = "Skylion007/openwebtext"
     feature_scale: str = "raw"
     """What MPPC correlates (see MatchConfig.feature_scale)."""
+    centre: str = "layernorm"
+    """Which residual streams are stored centred (see CacheConfig.centre)."""
     device: str = "auto"
     cache_dir: Path = Path("univ-cache")
     out: Path | None = None
@@ -98,11 +100,11 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     s = cfg.settings()
     a, b = cfg.model_a, cfg.model_b
     data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=s["dtype"],
-                       store_dtype=s["store_dtype"], device=cfg.device, cache_dir=cfg.cache_dir)
+                       store_dtype=s["store_dtype"], centre=cfg.centre, device=cfg.device, cache_dir=cfg.cache_dir)
     fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
                     train_tokens=s["sae_train_tokens"], device=cfg.device)
     common = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--dtype", s["dtype"],
-              "--store-dtype", s["store_dtype"], "--cache-dir", cfg.cache_dir]
+              "--store-dtype", s["store_dtype"], "--centre", cfg.centre, "--cache-dir", cfg.cache_dir]
     sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
     everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
     with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common)):
@@ -139,11 +141,11 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         paths["induction"].append(str(induction_path(cfg.cache_dir, lm, circuit)))
         paths["offbyone"].append(str(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit)))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
-           "feature_scale": cfg.feature_scale,
+           "feature_scale": cfg.feature_scale, "centre": cfg.centre,
            "dataset": cfg.dataset, "device": cfg.device, "univ_version": __version__,
            "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths}
     key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
-                                          "feature_scale")})
+                                          "feature_scale", "centre")})
     run_file = cfg.cache_dir / RUNS / key / "run.json"
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(run, indent=1, default=str) + "\n")
