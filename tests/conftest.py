@@ -103,9 +103,11 @@ def assets(tmp_path_factory):
     tokenizer = train_tokenizer(docs)
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(docs) + "\n")
+    big_corpus = root / "big-corpus.txt"  # room for an MPPC window, held-out rows and a training stream
+    big_corpus.write_text("\n\n".join(make_corpus(2000, seed=1)) + "\n")
     neox = build_neox(root / "tiny-neox", tokenizer)
     mamba = build_mamba(root / "tiny-mamba", tokenizer)
     other_tok = train_tokenizer(make_corpus(50, seed=9), vocab_size=280)
     neox_other = build_neox(root / "tiny-neox-othertok", other_tok)
-    return {"root": root, "corpus": corpus, "docs": docs, "tokenizer": tokenizer,
+    return {"root": root, "corpus": corpus, "big_corpus": big_corpus, "docs": docs, "tokenizer": tokenizer,
             "neox": neox, "mamba": mamba, "neox_other": neox_other}

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from univ import fit as fit_mod
-from univ import models
+from univ import models, trainer
 from univ.cache import CacheConfig, run_cache
 from univ.errors import UnivError
-from univ.fit import FitConfig, LayerData, fit, loss_recovered, stores_at
+from univ.fit import FitConfig, LayerData, fit, stores_at
+from univ.sae_metrics import loss_recovered
 from univ.sae import SAE
 from univ.store import Store
 
@@ -31,7 +32,7 @@ def make_sparse_store(path, n=40_000, d=32, n_true=64, active=3, seed=0, chunk=8
 
 
 def _fit_cfg(**kw):
-    base = dict(expansion=4, batch_size=256, eval_tokens=4096, shuffle_tokens=8192, device="cpu",
+    base = dict(expansion=4, batch_size=256, eval_tokens=4096, window_rows=8192, device="cpu",
                 lr=3e-3, train_tokens=200_000, l1=1.0, k=3)
     return FitConfig(**{**base, **kw})
 
@@ -58,7 +59,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     store = stores_at(tmp_path / "store")[0]
     [clean] = fit(_fit_cfg(**cfg), [LayerData(0, store, tmp_path / "clean")], progress=False)
 
-    real, calls = fit_mod._train_window, []
+    real, calls = trainer._train_window, []
 
     def dies_in_third_window(*a, **k):
         calls.append(1)
@@ -66,11 +67,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(fit_mod, "_train_window", dies_in_third_window)
+    monkeypatch.setattr(trainer, "_train_window", dies_in_third_window)
     with pytest.raises(KeyboardInterrupt):
         fit(_fit_cfg(**cfg), [LayerData(0, store, tmp_path / "killed")], progress=False)
-    assert list((tmp_path / "killed").glob("*/checkpoint.json"))
-    monkeypatch.setattr(fit_mod, "_train_window", real)
+    assert list((tmp_path / "killed").glob("*/checkpoint.safetensors"))
+    monkeypatch.setattr(trainer, "_train_window", real)
     [resumed] = fit(_fit_cfg(**cfg), [LayerData(0, store, tmp_path / "killed")], progress=False)
     a, b = SAE.load(clean.path), SAE.load(resumed.path)
     for name, tensor in a.state_dict().items():
@@ -102,10 +103,10 @@ def test_loss_recovered_is_one_for_identity_and_zero_for_zero(assets, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["neox", "mamba"])
-def test_fit_sae_cli_trains_every_layer_then_hits(assets, tmp_path, capsys, monkeypatch, family):
-    args = ["fit-sae", "-m", assets[family], "--dataset", assets["corpus"], "--tokens", "3000", "--ctx-len", "24",
-            "--expansion", "2", "--batch-size", "128", "--eval-tokens", "300", "--arch", "topk", "--k", "4",
-            "--cache-dir", tmp_path / "cache", "--format", "json"]
+def test_fit_sae_cli_streams_every_layer_then_hits(assets, tmp_path, capsys, monkeypatch, family):
+    args = ["fit-sae", "-m", assets[family], "--dataset", assets["big_corpus"], "--tokens", "3000", "--ctx-len", "24",
+            "--expansion", "2", "--batch-size", "128", "--eval-tokens", "1000", "--train-tokens", "6400",
+            "--window-rows", "1024", "--arch", "topk", "--k", "4", "--cache-dir", tmp_path / "cache", "--format", "json"]
     code, out, err = run(capsys, *args)
     assert code == 0, err
     rows = json.loads(out)["fit-sae"]
@@ -113,12 +114,12 @@ def test_fit_sae_cli_trains_every_layer_then_hits(assets, tmp_path, capsys, monk
     assert [r["layer"] for r in rows] == list(range(n_layers))
     for r in rows:
         assert r["d_sae"] == 64 and r["l0"] <= 4 and r["loss_recovered"] is not None
-        assert 0 < r["explained_variance"] <= 1
+        assert r["train_tokens"] == 6400 and 0 < r["explained_variance"] <= 1
 
     def no_training(*a, **k):
         raise AssertionError("a finished SAE must be a cache hit")
 
-    monkeypatch.setattr(fit_mod, "_train", no_training)
+    monkeypatch.setattr(trainer, "train", no_training)
     monkeypatch.setattr(fit_mod.models, "load_source", no_training)
     assert run(capsys, *args)[1] == out
 

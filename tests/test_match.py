@@ -126,8 +126,8 @@ def test_match_cli_runs_every_reference_point_on_tiny_models(assets, tmp_path, c
     build_neox(tmp_path / "neox-seed2", assets["tokenizer"], seed=2)
     args = ["match", "--model-a", assets["neox"], "--model-b", assets["mamba"], "--model-c", tmp_path / "neox-seed2",
             "--baseline", "random-init", "--skyline", "sae-seed", "--skyline", "model-seed", "--neurons",
-            "--dataset", assets["corpus"], "--tokens", "3000", "--neuron-tokens", "1500", "--ctx-len", "24",
-            "--arch", "topk", "--k", "4", "--expansion", "2", "--sae-batch-size", "128",
+            "--dataset", assets["big_corpus"], "--tokens", "3000", "--neuron-tokens", "1500", "--ctx-len", "24",
+            "--arch", "topk", "--k", "4", "--expansion", "2", "--sae-batch-size", "128", "--sae-train-tokens", "4096", "--sae-eval-tokens", "1000",
             "--cache-dir", tmp_path / "cache", "--format", "json"]
     code, out, err = run(capsys, *args)
     assert code == 0, err

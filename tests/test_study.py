@@ -12,8 +12,8 @@ from test_cli import assert_one_line_error, run
 
 def all_args(assets, tmp_path):
     return ["all", "--model-a", assets["neox"], "--model-b", assets["mamba"], "--preset", "smoke",
-            "--dataset", assets["corpus"], "--tokens", "2000", "--ctx-len", "24", "--expansion", "2", "--k", "4",
-            "--sae-batch-size", "128", "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24",
+            "--dataset", assets["big_corpus"], "--tokens", "2000", "--ctx-len", "24", "--expansion", "2", "--k", "4",
+            "--sae-batch-size", "128", "--sae-train-tokens", "4096", "--sae-eval-tokens", "1000", "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24",
             "--device", "cpu", "--cache-dir", tmp_path / "cache", "--format", "json"]
 
 

@@ -128,8 +128,10 @@ def format_layers(layers: list[int]) -> str:
     return ",".join(parts)
 
 
-def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True) -> tuple[str, Store]:
-    """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store)."""
+def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True, first_doc: int = 0) -> tuple[str, Store]:
+    """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store).
+    ``first_doc``: start after that many documents of the seeded order (the SAEs' held-out rows
+    follow the MPPC window's documents); chunks record ``docs_end`` counted from the corpus start."""
     data = DataConfig(cfg.dataset, cfg.split, cfg.dataset_revision, cfg.text_field, cfg.ctx_len, cfg.seed)
     bos = models.bos_id(tokenizer)
     drop = models.special_ids(tokenizer)
@@ -143,13 +145,14 @@ def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True) -> tup
         "bos": bos,
         "pad": int(pad),
         "dropped_ids": drop,
+        **({"first_doc": first_doc} if first_doc else {}),
     }
     key = f"{slug(Path(cfg.dataset).stem if is_local(cfg.dataset) else cfg.dataset)}-{config_key(config)}"
     path = tokens_dir(cfg.cache_dir, key)
     with Lock(path):
         store = Store.open_or_create(path, "tokens", config)
         try:
-            _fill_token_store(cfg, store, data, tokenizer, bos, int(pad), drop, per_chunk, progress)
+            _fill_token_store(cfg, store, data, tokenizer, bos, int(pad), drop, per_chunk, progress, first_doc)
         except BaseException:
             if not store.manifest["chunks"]:  # leave no empty store behind
                 shutil.rmtree(path, ignore_errors=True)
@@ -158,7 +161,7 @@ def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True) -> tup
 
 
 def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenizer, bos: int, pad: int,
-                      drop: list[int], per_chunk: int, progress: bool) -> None:
+                      drop: list[int], per_chunk: int, progress: bool, first_doc: int) -> None:
     """Tokenize into the store, resuming after its longest intact prefix of chunks."""
     good = set(store.verify())
     if store.complete:
@@ -170,7 +173,7 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
         start += 1
     store.manifest["chunks"] = [c for c in store.manifest["chunks"] if c["index"] < start]
     done = store.chunks
-    skip_docs = done[start - 1]["docs_end"] if start else 0
+    skip_docs = done[start - 1]["docs_end"] if start else first_doc
     kept = store.rows
     bar = tqdm(total=cfg.tokens, initial=kept, desc="tokenize", unit="tok", unit_scale=True,
                disable=None if progress else True, leave=False)
@@ -205,7 +208,8 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
         if buf:
             flush()
     if kept == 0:
-        raise UnivError(f"dataset {cfg.dataset!r} has no text to tokenize")
+        after = f" after its first {first_doc} documents (the MPPC window)" if first_doc else ""
+        raise UnivError(f"dataset {cfg.dataset!r} has no text to tokenize{after}")
     if kept < cfg.tokens:
         log.warning("dataset %s has only %d tokens (asked for %d); the store holds them all",
                     cfg.dataset, kept, cfg.tokens)

@@ -131,7 +131,7 @@ def cache(
 @app.command("fit-sae")
 @user_errors
 def fit_sae(
-    model: str = typer.Option(None, "--model", "-m", help="Train on this model's cached activations (cached first if missing)."),
+    model: str = typer.Option(None, "--model", "-m", help="Train on activations streamed off this model (the documents after the MPPC window and the held-out rows)."),
     acts: Path = typer.Option(None, "--acts", help="Or: an activation store folder (or a folder of them) in univ's format."),
     layers: str = typer.Option("all", "--layers", help="'all' or e.g. '0,3,5-7'."),
     arch: str = typer.Option("relu", "--arch", help="relu (ReLU + L1, the study's) or topk."),
@@ -139,17 +139,20 @@ def fit_sae(
     l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
     k: int = typer.Option(32, "--k", help="Active latents per token (topk)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 4e-4 relu, 2e-4/sqrt(d_sae/16384) topk)."),
-    train_tokens: str = typer.Option(None, "--train-tokens", help="Training tokens (default: the store's training rows once)."),
+    train_tokens: str = typer.Option(None, "--train-tokens", help="Training tokens (default: 100M streamed with --model; the store's training rows once with --acts)."),
     batch_size: int = typer.Option(4096, "--batch-size", help="Rows per optimiser step."),
     seed: int = typer.Option(42, "--seed", help="Seed of the SAE initialisation and batch order."),
     normalisation: str = typer.Option(None, "--normalisation", help="token, dataset or none (default: token for relu, dataset for topk)."),
-    eval_tokens: str = typer.Option("64k", "--eval-tokens", help="Held-out rows at the end of the store (at most a tenth)."),
+    init_b_dec: str = typer.Option("zeros", "--init-b-dec", help="Decoder bias at initialisation: zeros (lm_saes') or geometric-median."),
+    eval_tokens: str = typer.Option("64k", "--eval-tokens", help="Held-out rows: documents after the MPPC window (--model), or the end of the store (--acts, at most a tenth)."),
+    window_rows: str = typer.Option("256k", "--window-rows", help="Rows per shuffle window, which each batch is drawn from."),
+    group_layers: int = typer.Option(None, "--group-layers", help="With --model: most layers per pass over the stream (default: as many as memory allows)."),
+    memory_gb: float = typer.Option(None, "--memory-gb", help="With --model: memory for one group of layers (default: 90% of the GPU's free memory, half the RAM on a CPU)."),
     checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
-    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="With --model: the corpus of the activation store."),
-    tokens: str = typer.Option("1M", "--tokens", help="With --model: kept tokens of the activation store."),
+    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="With --model: the corpus."),
+    tokens: str = typer.Option("1M", "--tokens", help="With --model: kept tokens of the MPPC window, which training skips."),
     ctx_len: int = typer.Option(1024, "--ctx-len", help="With --model: tokens per context."),
     dtype: str = DtypeOpt,
-    store_dtype: str = StoreDtypeOpt,
     centre: str = CentreOpt,
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
@@ -162,13 +165,14 @@ def fit_sae(
 
     cfg = FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, lr=lr,
                     train_tokens=parse_count(train_tokens, "--train-tokens") if train_tokens else None,
-                    batch_size=batch_size, seed=seed, normalisation=normalisation,
-                    eval_tokens=parse_count(eval_tokens, "--eval-tokens"), checkpoint_minutes=checkpoint_minutes,
-                    device=device, force=force)
+                    batch_size=batch_size, seed=seed, normalisation=normalisation, init_b_dec=init_b_dec,
+                    eval_tokens=parse_count(eval_tokens, "--eval-tokens"),
+                    window_rows=parse_count(window_rows, "--window-rows"), group_layers=group_layers,
+                    memory_gb=memory_gb, checkpoint_minutes=checkpoint_minutes, device=device, force=force)
     cache_cfg = None
     if model is not None:
         cache_cfg = CacheConfig(models=[model], dataset=dataset, tokens=parse_count(tokens, "--tokens"),
-                                ctx_len=ctx_len, dtype=dtype, store_dtype=store_dtype, centre=centre, device=device,
+                                ctx_len=ctx_len, dtype=dtype, centre=centre, device=device,
                                 cache_dir=cache_dir)
     results = run_fit(cfg, layers, cache_dir, cache_cfg=cache_cfg, acts=acts)
     rows = [r._asdict() for r in results]
@@ -177,11 +181,12 @@ def fit_sae(
     typer.echo(render({"fit-sae": rows}, fmt))
 
 
-def _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, seed, device):
+def _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, seed, device):
     from .fit import FitConfig
 
     return FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, batch_size=sae_batch_size, seed=seed, device=device,
-                     train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None)
+                     train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None,
+                     eval_tokens=parse_count(sae_eval_tokens, "--sae-eval-tokens"))
 
 
 @app.command()
@@ -209,8 +214,9 @@ def match(
     expansion: float = typer.Option(32, "--expansion", help="SAE width / d_model."),
     l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
     k: int = typer.Option(32, "--k", help="Active latents (topk)."),
-    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="SAE training tokens (default: the window once)."),
+    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="SAE training tokens, streamed from the documents after the window (default: 100M)."),
     sae_batch_size: int = typer.Option(4096, "--sae-batch-size", help="SAE batch size."),
+    sae_eval_tokens: str = typer.Option("64k", "--sae-eval-tokens", help="SAE held-out rows (documents after the window)."),
     seed: int = typer.Option(42, "--seed", help="SAE seed (the sae-seed skyline uses seed + 1)."),
     dtype: str = DtypeOpt,
     store_dtype: str = StoreDtypeOpt,
@@ -231,7 +237,7 @@ def match(
         neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
         data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype,
                          store_dtype=store_dtype, centre=centre, device=device),
-        fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, seed, device),
+        fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, seed, device),
         match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, feature_scale=feature_scale, device=device),
         cache_dir=cache_dir)
     results = run_match(req)
@@ -359,7 +365,8 @@ def all_(
     k: int = typer.Option(None, "--k", help="Override: TopK's k."),
     l1: float = typer.Option(None, "--l1", help="Override: ReLU SAE's L1 coefficient."),
     sae_batch_size: int = typer.Option(None, "--sae-batch-size", help="Override: SAE batch size."),
-    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="Override: SAE training tokens."),
+    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="Override: SAE training tokens (streamed)."),
+    sae_eval_tokens: str = typer.Option(None, "--sae-eval-tokens", help="Override: SAE held-out rows."),
     neuron_tokens: str = typer.Option(None, "--neuron-tokens", help="Override: window of the neuron comparisons."),
     n_seqs: int = typer.Option(None, "--n-seqs", help="Override: sequences of the circuit analyses."),
     offbyone_len: int = typer.Option(None, "--offbyone-len", help="Override: length of the off-by-one sequences (129)."),
@@ -382,6 +389,7 @@ def all_(
     overrides = dict(tokens=parse_count(tokens, "--tokens") if tokens else None, ctx_len=ctx_len, arch=arch,
                      expansion=expansion, k=k, l1=l1, sae_batch_size=sae_batch_size,
                      sae_train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None,
+                     sae_eval_tokens=parse_count(sae_eval_tokens, "--sae-eval-tokens") if sae_eval_tokens else None,
                      neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens") if neuron_tokens else None,
                      n_seqs=n_seqs, state_seqs=state_seqs, offbyone_seqs=offbyone_seqs, offbyone_len=offbyone_len,
                      neurons=neurons, dtype=dtype, store_dtype=store_dtype)

@@ -1,42 +1,48 @@
-"""The `fit-sae` stage: one SAE per layer from one pass over the activation stores.
+"""The `fit-sae` stage: one SAE per layer, trained from activations streamed off the model
+(``--model``; stream.py) or read from activation stores (``--acts``).
 
-Rows are taken in windows of ``shuffle_tokens`` consecutive rows (a window spans several
-chunks, so several documents); each window is permuted with a seed fixed by the window's index
-and cut into batches. Chunk ``i`` of every layer is read once and feeds every layer's SAE.
-The last ``eval_tokens`` rows of the store are held out for the metrics and never trained on.
-A checkpoint (safetensors + JSON) is written at window boundaries; a killed run resumes there.
+Both feed one trainer (trainer.py) with *windows*: blocks of rows of every layer, each permuted
+with a seed fixed by the window's index and cut into batches. Streamed, a window is the next
+``window_rows`` rows of the training stream, which starts after the documents of the MPPC window
+and of the held-out rows, so the SAEs never see what `match` measures or what their metrics are
+measured on. Stored, a window is consecutive rows of the stores (several chunks, so several
+documents), and the last ``eval_tokens`` rows of the store are held out.
+
+Streamed training runs the layers in groups that fit the device's memory, one pass over the
+stream per group (all layers in one pass when they fit; see ``layer_groups``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import math
-import time
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from . import models
-from .cache import CacheConfig, format_layers, run_cache
+from . import models, stream, trainer
+from .cache import CacheConfig, build_token_store, format_layers, model_key
+from .data import DataConfig
 from .errors import UnivError
 from .options import parse_layers
 from .sae import SAE, SAEConfig
-from .sae_train import TrainConfig, after_step, before_step, default_lr, lr_at, step_loss
-from .store import Lock, Store, config_key, resid_hook, slug
+from .sae_metrics import evaluate, loss_recovered, spliced
+from .sae_train import TrainConfig, default_lr, train_config
+from .store import Lock, Store, config_key, ensure_writable, resid_hook, slug
 
-log = logging.getLogger("univ")
-CHECKPOINT = "checkpoint"
+STREAM_TOKENS = 100_000_000
+"""Streamed training tokens per SAE when none are given: the smallest budget of lm_saes' example
+configs of the time (100M-1.6B; its default was 300M)."""
 
 
 @dataclass
 class FitConfig:
-    """Options of `univ fit-sae` that shape the SAEs (the store they read is given separately)."""
+    """Options of `univ fit-sae` that shape the SAEs and their training."""
 
     arch: str = "relu"
     """'relu' (the study's ReLU + L1) or 'topk'."""
@@ -47,19 +53,29 @@ class FitConfig:
     k: int = 32
     """Active latents per token (topk)."""
     lr: float | None = None
-    """Peak Adam learning rate; None: 4e-4 (relu) or 2e-4/√(d_sae/2¹⁴) (topk)."""
+    """Peak Adam learning rate; None: 4e-4 (relu, lm_saes') or 2e-4/√(d_sae/2¹⁴) (topk)."""
     train_tokens: int | None = None
-    """Training tokens; None: every training row once. More than the store holds: several passes."""
+    """Training tokens; None: 100M streamed (--model), the store's training rows once (--acts)."""
     batch_size: int = 4096
     """Rows per optimiser step."""
     seed: int = 42
     """Seed of the initialisation and of the batch order."""
     normalisation: str | None = None
     """'token', 'dataset' or 'none'; None: token (relu, as in the study) or dataset (topk)."""
+    init_b_dec: str = "zeros"
+    """Decoder bias at initialisation: 'zeros' (lm_saes') or 'geometric-median' of a sample."""
     eval_tokens: int = 65_536
-    """Rows held out at the end of the store for the metrics (at most a tenth of the store)."""
-    shuffle_tokens: int = 131_072
-    """Rows per shuffle window (rounded up to whole batches)."""
+    """Held-out rows: a token store of the documents after the MPPC window (--model), or the last
+    rows of the store (--acts; at most a tenth of it)."""
+    window_rows: int = 262_144
+    """Rows per shuffle window (at most the training tokens, rounded up to whole batches): what one
+    batch is drawn from."""
+    batch_contexts: int = 16
+    """Streamed: contexts per forward pass of the model."""
+    group_layers: int | None = None
+    """Streamed: most layers trained per pass over the stream (None: as many as memory allows)."""
+    memory_gb: float | None = None
+    """Streamed: memory for one group (None: 90 % of the GPU's free memory, half the RAM on a CPU)."""
     loss_recovered_contexts: int = 8
     """Held-out contexts on which LM loss recovered is measured (with a model)."""
     checkpoint_minutes: float = 10.0
@@ -75,6 +91,7 @@ class SAEResult(NamedTuple):
     hook: str
     arch: str
     d_sae: int
+    train_tokens: int
     l0: float
     explained_variance: float
     dead_fraction: float
@@ -91,6 +108,74 @@ class LayerData:
     out_dir: Path
 
 
+class _Plan(NamedTuple):
+    """What every layer's SAE shares."""
+
+    d_sae: int
+    normalisation: str
+    tc: TrainConfig
+    train_tokens: int
+    window: int
+
+
+def _plan(cfg: FitConfig, d: int, train_tokens: int, device: torch.device) -> _Plan:
+    if cfg.expansion < 1 or not math.isfinite(cfg.expansion):
+        raise UnivError(f"--expansion must be at least 1, not {cfg.expansion}")
+    if cfg.batch_size < 1:
+        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if train_tokens < cfg.batch_size:
+        raise UnivError(f"--train-tokens ({train_tokens}) must be at least one batch ({cfg.batch_size})")
+    d_sae = int(round(cfg.expansion * d))
+    normalisation = cfg.normalisation or ("token" if cfg.arch == "relu" else "dataset")
+    tc = train_config(cfg.arch, cfg.lr or default_lr(cfg.arch, d_sae), train_tokens // cfg.batch_size,
+                      torch.bfloat16 if device.type == "cuda" else torch.float32)
+    window = math.ceil(min(cfg.window_rows, train_tokens) / cfg.batch_size) * cfg.batch_size
+    return _Plan(d_sae, normalisation, tc, train_tokens, window)
+
+
+def _sae_config(cfg: FitConfig, plan: _Plan, d: int, source: dict) -> SAEConfig:
+    sc = SAEConfig(arch=cfg.arch, d_in=d, d_sae=plan.d_sae, k=cfg.k if cfg.arch == "topk" else None,
+                   l1=cfg.l1 if cfg.arch == "relu" else None, normalisation=plan.normalisation, store=source,
+                   seed=cfg.seed)
+    sc.check()
+    return sc
+
+
+def _recipe(cfg: FitConfig, plan: _Plan, sc: SAEConfig, **source) -> dict:
+    """Everything that fixes an SAE's weights: its key, and recipe.json beside it."""
+    return {"sae": {k: v for k, v in asdict(sc).items() if k not in ("univ_version", "store")},
+            "train": {**asdict(plan.tc), "matmul_dtype": str(plan.tc.matmul_dtype)}, "train_tokens": plan.train_tokens,
+            "batch_size": cfg.batch_size, "window": plan.window, "init_b_dec": cfg.init_b_dec, **source}
+
+
+def _train(cfg: FitConfig, plan: _Plan, sae_cfgs: dict[int, SAEConfig], out_dirs: dict[int, Path], recipes: dict,
+           windows: trainer.Windows, device: torch.device, desc: str, progress: bool) -> None:
+    saes = trainer.train(sae_cfgs, out_dirs, windows, plan.tc, cfg.batch_size, cfg.seed, cfg.init_b_dec, device,
+                         cfg.checkpoint_minutes, cfg.force, desc, progress)
+    for layer, sae in saes.items():
+        out = out_dirs[layer]
+        (out / "metrics.json").unlink(missing_ok=True)
+        sae.save(out)
+        (out / "recipe.json").write_text(json.dumps(recipes[layer], indent=1, default=str) + "\n")
+        trainer.drop_checkpoint(out)
+
+
+def _todo(cfg: FitConfig, out_dirs: dict[int, Path]) -> list[int]:
+    return [layer for layer, out in out_dirs.items() if cfg.force or not (out / "sae.safetensors").is_file()]
+
+
+def _result(layer: int, hook: str, cfg: FitConfig, plan: _Plan, out: Path) -> SAEResult:
+    m = json.loads((out / "metrics.json").read_text())
+    return SAEResult(layer, hook, cfg.arch, plan.d_sae, plan.train_tokens, round(m["l0"], 2),
+                     round(m["explained_variance"], 4), round(m["dead_fraction"], 4),
+                     None if m["loss_recovered"] is None else round(m["loss_recovered"], 4), str(out))
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+# -- training from activation stores --------------------------------------------------------------
 def _rows_of(store: Store) -> list[int]:
     return [store.chunks[i]["rows"] for i in sorted(store.chunks)]
 
@@ -147,257 +232,158 @@ def iter_windows(stores: list[LayerData], start: int, stop: int, window: int,
             cursor += take
             yield out
 
-
-@torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, batch: int = 4096) -> dict:
-    """L0, explained variance and dead fraction on held-out raw activations."""
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
-    l0 = sq_err = 0.0
-    n = len(x)
-    mean = x.float().mean(0)
-    total_var = (x.float() - mean).pow(2).sum().item()
-    for b in range(0, n, batch):
-        xb = x[b:b + batch].float()
-        f = sae.encode(xb)
-        x_hat = sae.decode(f, sae.scale(xb))
-        active = f > 0
-        fired |= active.any(0)
-        l0 += active.sum().item()
-        sq_err += (x_hat - xb).pow(2).sum().item()
-    return {"l0": l0 / n, "explained_variance": 1 - sq_err / max(total_var, 1e-12),
-            "dead_fraction": 1 - fired.float().mean().item(), "eval_rows": n}
-
-
-def _save_checkpoint(out_dirs: dict[int, Path], saes, opts, since, state: dict) -> None:
-    for layer, out in out_dirs.items():
-        tensors = {f"param.{k}": v.detach().cpu() for k, v in saes[layer].state_dict().items()}
-        for name, p in saes[layer].named_parameters():
-            for k, v in opts[layer].state.get(p, {}).items():
-                tensors[f"adam.{name}.{k}"] = v.detach().cpu().reshape(v.shape)
-        tensors["since_fired"] = since[layer].cpu()
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"{CHECKPOINT}.safetensors.tmp")
-        (out / f"{CHECKPOINT}.safetensors.tmp").replace(out / f"{CHECKPOINT}.safetensors")
-        (out / f"{CHECKPOINT}.json.tmp").write_text(json.dumps(state) + "\n")
-        (out / f"{CHECKPOINT}.json.tmp").replace(out / f"{CHECKPOINT}.json")
-
-
-def _load_checkpoint(out: Path, sae: SAE, opt: torch.optim.Optimizer, device) -> tuple[dict, torch.Tensor] | None:
-    if not (out / f"{CHECKPOINT}.json").is_file():
-        return None
-    state = json.loads((out / f"{CHECKPOINT}.json").read_text())
-    tensors = load_file(out / f"{CHECKPOINT}.safetensors", device=str(device))
-    sae.load_state_dict({k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")})
-    for name, p in sae.named_parameters():
-        keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
-        if keys:
-            opt.state[p] = {k.removeprefix(f"adam.{name}."): tensors[k] for k in keys}
-    return state, tensors["since_fired"]
-
-
-def _make_optimizer(sae: SAE, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda"
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused or None)
-
-
 def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | None = None,
         progress: bool = True) -> list[SAEResult]:
-    """Train (or find) one SAE per layer; returns their held-out quality metrics.
+    """Train (or find) one SAE per layer from activation stores; returns their held-out quality.
 
     ``load_lm`` (a function returning the model) and ``tstore`` enable LM loss recovered; the
     model is loaded only when some metrics still need computing."""
-    if cfg.expansion < 1:
-        raise UnivError(f"--expansion must be at least 1, not {cfg.expansion}")
-    if cfg.batch_size < 1:
-        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     device = models.resolve_device(cfg.device)
     n_rows, d = check_stores(stores)
-    d_sae = int(round(cfg.expansion * d))
-    normalisation = cfg.normalisation or ("token" if cfg.arch == "relu" else "dataset")
     n_eval = min(cfg.eval_tokens, n_rows // 10)
     n_train = n_rows - n_eval
     if n_eval < 1 or n_train < cfg.batch_size:
         raise UnivError(f"the store holds {n_rows} rows: too few for batches of {cfg.batch_size} "
                         "plus held-out rows; cache more tokens or lower --batch-size")
-    train_tokens = cfg.train_tokens or n_train
-    steps = train_tokens // cfg.batch_size
-    window = math.ceil(cfg.shuffle_tokens / cfg.batch_size) * cfg.batch_size
-    lr = cfg.lr or default_lr(cfg.arch, d_sae)
-    tc = TrainConfig(lr=lr, total_steps=steps,
-                     matmul_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sae_cfgs, keys, keyed = {}, {}, []
+    plan = _plan(cfg, d, cfg.train_tokens or n_train, device)
+    by_layer = {ld.layer: ld for ld in stores}
+    sae_cfgs, recipes, out_dirs = {}, {}, {}
     for ld in stores:
-        sc = SAEConfig(arch=cfg.arch, d_in=d, d_sae=d_sae, k=cfg.k if cfg.arch == "topk" else None,
-                       l1=cfg.l1 if cfg.arch == "relu" else None, normalisation=normalisation,
-                       store={"path": str(ld.store.path), "config": ld.store.config}, seed=cfg.seed)
-        sc.check()
-        sae_cfgs[ld.layer] = sc
-        recipe = {"sae": {k: v for k, v in asdict(sc).items() if k != "univ_version"},
-                  "train": {**asdict(tc), "matmul_dtype": str(tc.matmul_dtype)},
-                  "train_tokens": train_tokens, "batch_size": cfg.batch_size, "eval_tokens": n_eval,
-                  "window": window, "store_chunks": [c["sha256"] for c in ld.store.manifest["chunks"]]}
-        keys[ld.layer] = recipe
-        keyed.append(LayerData(ld.layer, ld.store, ld.out_dir / f"{cfg.arch}-{config_key(recipe)}"))
-    stores = keyed
-
-    todo = [ld for ld in stores if cfg.force or not (ld.out_dir / "metrics.json").is_file()]
+        sc = _sae_config(cfg, plan, d, {"path": str(ld.store.path), "config": ld.store.config})
+        recipe = _recipe(cfg, plan, sc, eval_tokens=n_eval,
+                         store_chunks=[c["sha256"] for c in ld.store.manifest["chunks"]])
+        sae_cfgs[ld.layer], recipes[ld.layer] = sc, recipe
+        out_dirs[ld.layer] = ld.out_dir / f"{cfg.arch}-{config_key(recipe)}"
+    todo = _todo(cfg, out_dirs)
     if todo:
-        with Lock(todo[0].out_dir.parent):
-            _train(cfg, todo, sae_cfgs, keys, tc, n_train, train_tokens, window, device, progress)
-    results = []
-    eval_rows = lm = None
+        with Lock(out_dirs[todo[0]].parent):
+            _train(cfg, plan, {layer: sae_cfgs[layer] for layer in todo}, out_dirs, recipes,
+                   _store_windows([by_layer[layer] for layer in todo], n_train, plan.window, device), device,
+                   f"fit-sae {len(todo)} layer(s)", progress)
+    eval_rows, lm = None, None
     for ld in stores:
-        metrics_path = ld.out_dir / "metrics.json"
-        if not metrics_path.is_file() or ld in todo:
+        out = out_dirs[ld.layer]
+        if not (out / "metrics.json").is_file():
             if eval_rows is None:
                 eval_rows = next(iter_windows(stores, n_train, n_rows, n_eval, device))
-            sae = SAE.load(ld.out_dir, device)
+            sae = SAE.load(out, device)
             metrics = evaluate(sae, eval_rows[ld.layer])
+            metrics["loss_recovered"] = None
             if load_lm is not None and tstore is not None:
                 lm = lm or load_lm()
-                # A centred store's SAE sees the stream minus its mean, which the model cannot see.
-                recon = (lambda h, sae=sae: sae.reconstruct(h - h.mean(-1, keepdim=True))) \
-                    if ld.store.config.get("centred") else sae.reconstruct
-                metrics["loss_recovered"] = loss_recovered(lm, ld.layer, recon, tstore, n_eval,
-                                                           cfg.loss_recovered_contexts)
-            else:
-                metrics["loss_recovered"] = None
-            metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
-        metrics = json.loads(metrics_path.read_text())
-        results.append(SAEResult(ld.layer, ld.store.config.get("hook", f"layer{ld.layer}"), cfg.arch, d_sae,
-                                 round(metrics["l0"], 2), round(metrics["explained_variance"], 4),
-                                 round(metrics["dead_fraction"], 4),
-                                 None if metrics["loss_recovered"] is None else round(metrics["loss_recovered"], 4),
-                                 str(ld.out_dir)))
-    return results
+                metrics["loss_recovered"] = loss_recovered(lm, ld.layer, spliced(sae, bool(ld.store.config.get("centred"))),
+                                                           tstore, n_eval, cfg.loss_recovered_contexts)
+            _write_metrics(out, metrics)
+    return [_result(ld.layer, ld.store.config.get("hook", f"layer{ld.layer}"), cfg, plan, out_dirs[ld.layer])
+            for ld in stores]
 
 
-def _train(cfg: FitConfig, todo: list[LayerData], sae_cfgs, keys, tc: TrainConfig, n_train: int,
-           train_tokens: int, window: int, device: torch.device, progress: bool) -> None:
-    saes, opts, since = {}, {}, {}
-    out_dirs = {ld.layer: ld.out_dir for ld in todo}
-    for ld in todo:
-        torch.manual_seed(cfg.seed)
-        saes[ld.layer] = SAE(sae_cfgs[ld.layer]).to(device)
-        opts[ld.layer] = _make_optimizer(saes[ld.layer], tc.lr, device)
-        ld.out_dir.mkdir(parents=True, exist_ok=True)
-    resumed = {} if cfg.force else {ld.layer: _load_checkpoint(ld.out_dir, saes[ld.layer], opts[ld.layer], device)
-                                    for ld in todo}
-    states = {json.dumps(r[0], sort_keys=True) if r else None for r in resumed.values()}
-    if len(states) == 1 and None not in states:  # every layer stopped at the same window
-        state = next(iter(resumed.values()))[0]
-        since = {layer: r[1] for layer, r in resumed.items()}
-    else:  # a fresh start (or checkpoints from different moments: start over rather than mix)
-        state = {"window": 0, "step": 0}
-        for ld in todo:
-            opts[ld.layer] = _make_optimizer(saes[ld.layer], tc.lr, device)  # drop any half-loaded state
-            gen = torch.Generator().manual_seed(cfg.seed)
-            first = next(iter_windows([ld], 0, n_train, min(window, n_train), torch.device("cpu")))[ld.layer]
-            saes[ld.layer].initialise(first[torch.randperm(len(first), generator=gen)[:4096]], gen)
-            since[ld.layer] = torch.zeros(sae_cfgs[ld.layer].d_sae, dtype=torch.long, device=device)
-    windows_per_pass = math.ceil(n_train / window)
-    total_windows = math.ceil(train_tokens / window)
-    bar = tqdm(total=tc.total_steps * cfg.batch_size, initial=state["step"] * cfg.batch_size,
-               desc=f"fit-sae {len(todo)} layer(s)", unit="tok", unit_scale=True,
-               disable=None if progress else True)
-    last_save = time.monotonic()
+def _store_windows(stores: list[LayerData], n_train: int, window: int, device: torch.device) -> trainer.Windows:
+    """Windows of consecutive training rows, pass after pass; a window's index fixes its rows."""
+    per_pass = math.ceil(n_train / window)
 
-    def done() -> bool:
-        return state["window"] >= total_windows or state["step"] >= tc.total_steps
+    def windows(state: dict):
+        k = state["window"]
+        while True:
+            for rows in iter_windows(stores, (k % per_pass) * window, n_train, window, device):
+                yield rows, None
+                k += 1
 
-    with bar:
-        while not done():
-            # One pass over the training rows, from the window the run stands at.
-            first = state["window"] % windows_per_pass
-            for rows in iter_windows(todo, first * window, n_train, window, device):
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["window"])
-                perm = torch.randperm(len(next(iter(rows.values()))), generator=gen).to(device)
-                n_batches = min(len(perm) // cfg.batch_size, tc.total_steps - state["step"])
-                for layer, x in rows.items():
-                    _train_window(saes[layer], opts[layer], x[perm], n_batches, cfg.batch_size, tc,
-                                  state["step"], since[layer], layer)
-                state["step"] += n_batches
-                state["window"] += 1
-                bar.update(n_batches * cfg.batch_size)
-                if done():
-                    break
-                if time.monotonic() - last_save >= cfg.checkpoint_minutes * 60:
-                    _save_checkpoint(out_dirs, saes, opts, since, state)
-                    last_save = time.monotonic()
-    for layer, sae in saes.items():
-        sae.cfg.store["train"] = {"tokens": state["step"] * cfg.batch_size, "steps": state["step"],
-                                  "lr": tc.lr, "batch_size": cfg.batch_size}
-        sae.save(out_dirs[layer])
-        (out_dirs[layer] / "recipe.json").write_text(json.dumps(keys[layer], indent=1, default=str) + "\n")
-        for suffix in (".safetensors", ".json"):
-            (out_dirs[layer] / f"{CHECKPOINT}{suffix}").unlink(missing_ok=True)
-        (out_dirs[layer] / "metrics.json").unlink(missing_ok=True)
+    return windows
 
 
-def _train_window(sae: SAE, opt, x: torch.Tensor, n_batches: int, batch: int, tc: TrainConfig,
-                  step0: int, since_fired: torch.Tensor, layer: int) -> None:
-    use_aux = sae.cfg.arch == "topk" and bool((since_fired >= tc.dead_tokens).any())
-    bad = torch.full((), -1, dtype=torch.long, device=x.device)
-    for b in range(n_batches):
-        step = step0 + b
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        loss, _ = step_loss(sae, x[b * batch:(b + 1) * batch], tc, step, since_fired, use_aux)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        before_step(sae)
-        opt.step()
-        after_step(sae)
-        bad = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
-    if (first_bad := int(bad)) >= 0:  # one host sync per window, not per step
-        raise UnivError(f"layer {layer}: the loss became non-finite at step {first_bad}; the last good "
-                        "checkpoint is kept (try a lower --lr)")
+# -- training from activations streamed off the model ---------------------------------------------
+def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layers: list[int], cache_dir: Path,
+               progress: bool = True) -> list[SAEResult]:
+    """Train (or find) one SAE per layer from activations computed on the fly. ``data`` gives the
+    corpus, the MPPC window (``tokens``) and the forward dtype; see stream.py for the split."""
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(data.dtype, device)
+    centred = models.centred(src, data.centre)
+    plan = _plan(cfg, src.d_model, cfg.train_tokens or STREAM_TOKENS, device)
+    if cfg.eval_tokens < 1:
+        raise UnivError(f"--eval-tokens must be positive, not {cfg.eval_tokens}")
+    ensure_writable(cache_dir)
+    tokenizer = models.load_tokenizer(src)
+    data = dataclasses.replace(data, cache_dir=cache_dir)
+    window_key, window_store = build_token_store(data, tokenizer, progress)
+    held_key, held_out = build_token_store(dataclasses.replace(data, tokens=cfg.eval_tokens), tokenizer, progress,
+                                           first_doc=_docs_end(window_store))
+    source = stream.source(DataConfig(data.dataset, data.split, data.dataset_revision, data.text_field, data.ctx_len,
+                                      data.seed), _docs_end(held_out), tokenizer, cfg.batch_contexts)
+    mkey = model_key(src, dtype, centred=centred)
+    identity = {"model": mkey, "window_tokens": window_key, "held_out_tokens": held_key,
+                "first_doc": source.first_doc, "batch_contexts": cfg.batch_contexts}
+    sae_cfgs, recipes, out_dirs = {}, {}, {}
+    for layer in layers:
+        sc = _sae_config(cfg, plan, src.d_model, {"stream": identity, "config": {
+            "layer": layer, "hook": resid_hook(layer), "model_name": src.name, "centred": centred}})
+        sae_cfgs[layer], recipes[layer] = sc, _recipe(cfg, plan, sc, stream=identity)
+        out_dirs[layer] = sae_root(cache_dir, mkey, resid_hook(layer)) / f"{cfg.arch}-{config_key(recipes[layer])}"
+    todo = _todo(cfg, out_dirs)
+    unmeasured = [layer for layer in layers if layer in todo or not (out_dirs[layer] / "metrics.json").is_file()]
+    if unmeasured:
+        lm = models.load_source(src, device, dtype)
+        groups = layer_groups(unmeasured, src.d_model, plan, cfg, lm.dtype.itemsize, device)
+        with Lock(cache_dir / "saes" / mkey):
+            for i, group in enumerate(groups):
+                train_now = [layer for layer in group if layer in todo]
+                if train_now:
+                    _train(cfg, plan, {layer: sae_cfgs[layer] for layer in train_now}, out_dirs, recipes,
+                           _stream_windows(lm, source, train_now, plan.window, centred, device), device,
+                           f"fit-sae {src.short_name} group {i + 1}/{len(groups)} (layers {format_layers(train_now)})",
+                           progress)
+                rows = stream.store_rows(lm, held_out, group, cfg.batch_contexts, centred)
+                for layer in group:
+                    sae = SAE.load(out_dirs[layer], device)
+                    metrics = evaluate(sae, rows[layer])
+                    metrics["loss_recovered"] = loss_recovered(lm, layer, spliced(sae, centred), held_out, held_out.rows,
+                                                               cfg.loss_recovered_contexts)
+                    _write_metrics(out_dirs[layer], metrics)
+                del rows
+    return [_result(layer, resid_hook(layer), cfg, plan, out_dirs[layer]) for layer in layers]
 
 
-@torch.no_grad()
-def loss_recovered(lm: models.LM, layer: int, reconstruct, tstore: Store, n_eval: int,
-                   n_contexts: int) -> float:
-    """(CE_zero − CE_sae) / (CE_zero − CE_clean) on held-out contexts: the last contexts of the
-    token store whose kept tokens all lie in the held-out rows."""
-    tokens, mask = _held_out_contexts(tstore, n_eval, n_contexts)
-    tokens, mask = tokens.to(lm.device).long(), mask.to(lm.device)
-    target = mask[:, :-1] & mask[:, 1:]  # predict kept tokens from kept positions
-
-    def ce(replace=None) -> float:
-        logits = lm.logits(tokens, {layer: replace} if replace else None)[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits[target], tokens[:, 1:][target])
-        return loss.item()
-
-    def splice(fn):
-        def replace(h):
-            out = h.clone()
-            out[mask] = fn(h[mask]).to(h.dtype)
-            return out
-        return replace
-
-    clean = ce()
-    with_sae = ce(splice(reconstruct))
-    zero = ce(splice(torch.zeros_like))
-    return (zero - with_sae) / (zero - clean) if zero != clean else float("nan")
+def _docs_end(tstore: Store) -> int:
+    """Documents of the corpus up to the end of a complete token store."""
+    return tstore.chunks[max(tstore.chunks)]["docs_end"]
 
 
-def _held_out_contexts(tstore: Store, n_eval: int, n_contexts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    toks, masks, kept = [], [], 0
-    for index in sorted(tstore.chunks, reverse=True):
-        chunk = tstore.read_chunk(index)
-        for t, m in zip(chunk["tokens"].flip(0), chunk["mask"].flip(0)):
-            if kept + int(m.sum()) > n_eval or len(toks) == n_contexts:
-                return _stack(toks, masks)
-            kept += int(m.sum())
-            toks.append(t)
-            masks.append(m)
-    return _stack(toks, masks)
+def _stream_windows(lm, source: stream.Source, layers: list[int], window: int, centred: bool,
+                    device: torch.device) -> trainer.Windows:
+    def windows(state: dict):
+        start = stream.Position(*state["position"]) if state.get("position") else stream.START
+        return stream.windows(lm, source, layers, window, start, centred, device)
+
+    return windows
 
 
-def _stack(toks, masks):
-    if not toks:
-        raise UnivError("no whole context lies in the held-out rows; raise --eval-tokens")
-    return torch.stack(toks), torch.stack(masks)
+def bytes_per_layer(d: int, d_sae: int, window: int, act_bytes: int, batch: int) -> tuple[int, int]:
+    """(bytes each layer of a group holds, bytes the group needs once) when training streamed:
+    per layer the SAE's float32 weights, gradients and two Adam moments, and its window of rows
+    plus the rows pending for the next one; once, a permuted copy of one window and the
+    activations of one training step (about eight batch × d_sae float32 tensors)."""
+    per_layer = 16 * (2 * d * d_sae + d_sae + d) + 2 * window * d * act_bytes
+    return per_layer, window * d * act_bytes + 8 * batch * d_sae * 4
+
+
+def layer_groups(layers: list[int], d: int, plan: _Plan, cfg: FitConfig, act_bytes: int,
+                 device: torch.device) -> list[list[int]]:
+    """Consecutive groups of layers that fit the memory budget (cfg.memory_gb, else 90 % of the
+    GPU's free memory or half the machine's RAM), at most cfg.group_layers each."""
+    per_layer, once = bytes_per_layer(d, plan.d_sae, plan.window, act_bytes, cfg.batch_size)
+    if cfg.memory_gb is not None:
+        budget = cfg.memory_gb * 2**30
+    elif device.type == "cuda":
+        budget = 0.9 * torch.cuda.mem_get_info(device)[0]
+    else:
+        budget = 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = int((budget - once) // per_layer)
+    if size < 1:
+        raise UnivError(f"one layer's SAE training needs about {(per_layer + once) / 2**30:.1f} GiB and "
+                        f"{budget / 2**30:.1f} GiB are available; lower --expansion or the window")
+    size = min(size, cfg.group_layers or size)
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
 
 
 def sae_root(cache_dir: Path, owner: str, hook: str) -> Path:
@@ -438,21 +424,14 @@ def select_layers(stores: dict[int, Store], layers: str) -> list[int]:
 
 def run_fit(cfg: FitConfig, layers: str, cache_dir: Path, cache_cfg: CacheConfig | None = None,
             acts: Path | None = None, progress: bool = True) -> list[SAEResult]:
-    """fit-sae on a model's cached stores (cached first when missing) or on stores given by path."""
+    """fit-sae streamed off a model (``cache_cfg``: its corpus and MPPC window) or on stores by path."""
     if (cache_cfg is None) == (acts is None):
-        raise UnivError("give either --model (its cached activations) or --acts STORE_DIR")
+        raise UnivError("give either --model (activations streamed off it) or --acts STORE_DIR")
     if acts is not None:
         stores = stores_at(acts)
         owner = external_owner(acts)
         chosen = [LayerData(layer, stores[layer], sae_root(cache_dir, owner, stores[layer].path.name))
                   for layer in select_layers(stores, layers)]
         return fit(cfg, chosen, progress=progress)
-    cache_cfg.layers = layers
-    cached = run_cache(cache_cfg, progress)
     src = models.resolve(cache_cfg.models[0])
-    device = models.resolve_device(cache_cfg.device)
-    dtype = models.resolve_dtype(cache_cfg.dtype, device)
-    root = Path(cached.models[0].store)
-    chosen = [LayerData(layer, Store.read(root / resid_hook(layer)), sae_root(cache_dir, root.parent.name, resid_hook(layer)))
-              for layer in parse_layers(layers, src.n_layers)]
-    return fit(cfg, chosen, lambda: models.load_source(src, device, dtype), Store.read(cached.tokens_store), progress)
+    return fit_stream(cfg, src, cache_cfg, parse_layers(layers, src.n_layers), cache_dir, progress)

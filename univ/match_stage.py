@@ -77,14 +77,16 @@ def _cache_cfg(req: MatchRequest, models_: list[str], **kw) -> CacheConfig:
 
 
 def sae_side(req: MatchRequest, model: str, layers: str, seed: int | None = None, label: str | None = None) -> Side:
-    """A model's SAE features: its cached residual streams and one SAE per layer (fitted if missing)."""
+    """A model's SAE features: its cached residual streams over the window, and one SAE per layer
+    (fitted if missing, on activations streamed from the documents after the window)."""
     fit_cfg = dataclasses.replace(req.fit, seed=req.fit.seed if seed is None else seed)
     results = run_fit(fit_cfg, layers, req.cache_dir, cache_cfg=_cache_cfg(req, [model]))
+    root = Path(run_cache(_cache_cfg(req, [model], layers=layers)).models[0].store)
     device = models.resolve_device(req.match.device)
     stores, encoders, ident = {}, {}, {}
     for r in results:
         sae = SAE.load(r.path, device)
-        stores[r.layer] = Store.read(Path(sae.cfg.store["path"]))
+        stores[r.layer] = Store.read(root / resid_hook(r.layer))
         encoders[r.layer] = functools.partial(sae.features, feature_scale=req.match.feature_scale)
         ident[r.layer] = str(Path(r.path).resolve())
     return Side(label or model, stores, encoders, {"saes": ident, "feature_scale": req.match.feature_scale})
@@ -111,14 +113,13 @@ def path_side(label: str, acts: Path, saes: Path | None, layers: str, cfg: Match
         sae = SAE.load(cfg_file.parent, models.resolve_device(cfg.device))
         layer = sae.cfg.store.get("config", {}).get("layer")
         if layer in stores:
-            found[layer] = sae
+            found[layer] = (sae, cfg_file.parent)
     missing = [layer for layer in chosen if layer not in found]
     if missing:
         raise UnivError(f"{saes} holds no SAE trained on layer {missing[0]} of {acts}")
     return Side(label, stores,
-                {layer: functools.partial(found[layer].features, feature_scale=cfg.feature_scale) for layer in chosen},
-                {"saes": {layer: str(Path(s.cfg.store["path"])) for layer, s in found.items()},
-                 "feature_scale": cfg.feature_scale})
+                {layer: functools.partial(found[layer][0].features, feature_scale=cfg.feature_scale) for layer in chosen},
+                {"saes": {layer: str(found[layer][1].resolve()) for layer in chosen}, "feature_scale": cfg.feature_scale})
 
 
 def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:

@@ -33,6 +33,7 @@ from .errors import UnivError
 ARCHS = ("relu", "topk")
 NORMALISATIONS = ("token", "dataset", "none")
 FEATURE_SCALES = ("raw", "normalised")
+INIT_B_DEC = ("zeros", "geometric-median")
 
 
 @dataclass
@@ -85,8 +86,11 @@ class SAE(nn.Module):
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
-    def initialise(self, sample: torch.Tensor, generator: torch.Generator) -> None:
-        """Random unit decoder rows, W_enc = W_decᵀ, b_dec = geometric median of the sample."""
+    def initialise(self, sample: torch.Tensor, generator: torch.Generator, b_dec: str = "zeros") -> None:
+        """Random decoder rows, W_enc = W_decᵀ, b_dec 'zeros' (lm_saes, the authors') or the
+        'geometric-median' of the sample (univ's option)."""
+        if b_dec not in INIT_B_DEC:
+            raise UnivError(f"unknown --init-b-dec {b_dec!r} (use {' or '.join(INIT_B_DEC)})")
         cfg = self.cfg
         w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
         w /= w.norm(dim=1, keepdim=True)
@@ -98,7 +102,10 @@ class SAE(nn.Module):
         sample = sample.float().to(self.W_dec.device)
         if cfg.normalisation == "dataset":
             self.data_scale.fill_(sample.norm(dim=-1).mean().item() / math.sqrt(cfg.d_in))
-        self.b_dec.copy_(geometric_median(sample / self.scale(sample)))
+        if b_dec == "geometric-median":
+            self.b_dec.copy_(geometric_median(sample / self.scale(sample)))
+        else:
+            self.b_dec.zero_()
 
     # -- the maps ----------------------------------------------------------------------------
     def scale(self, x: torch.Tensor) -> torch.Tensor:

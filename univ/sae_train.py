@@ -23,10 +23,12 @@ class TrainConfig:
     """Peak Adam learning rate."""
     total_steps: int
     """Steps in the whole run (for the warm-ups)."""
-    lr_warmup_frac: float = 0.01
-    """Fraction of the steps over which the learning rate rises linearly from 0."""
-    l1_warmup_frac: float = 0.05
-    """Fraction of the steps over which λ rises linearly from 0 (relu)."""
+    lr_warmup_frac: float = 0.1
+    """Fraction of the steps over which the learning rate rises linearly from 0 (lm_saes: 10 %)."""
+    lr_cooldown_frac: float = 0.1
+    """Fraction of the steps at the end over which it falls linearly to 0 (lm_saes: 10 %)."""
+    l1_warmup_frac: float = 0.1
+    """Fraction of the steps over which λ rises linearly from 0 (relu; lm_saes: 10 %)."""
     aux_k: int = 512
     """Dead latents used by the AuxK loss (topk; capped at d_sae / 2)."""
     aux_coef: float = 1 / 32
@@ -85,7 +87,7 @@ def step_loss(sae: SAE, x: torch.Tensor, tc: TrainConfig, step: int, since_fired
         x_hat = (f.to(tc.matmul_dtype) @ sae.W_dec.to(tc.matmul_dtype)).float() + sae.b_dec
         mse = (x_hat - x_norm).pow(2).sum(-1).mean()
         l1 = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
-        lam = cfg.l1 * min(1.0, (step + 1) / max(1.0, tc.l1_warmup_frac * tc.total_steps))
+        lam = cfg.l1 * l1_factor(step, tc)
         since_fired.add_(len(x)).masked_fill_((f > 0).any(0), 0)
         return mse + lam * l1, mse
     with torch.no_grad():
@@ -116,8 +118,27 @@ def _aux_loss(sae: SAE, x_norm, pre, residual, dead, tc: TrainConfig) -> torch.T
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
+    """lm_saes' 'constantwithwarmup': min((step + 1) / warm-up, (total − step) / cool-down, 1) × lr."""
     warm = max(1.0, tc.lr_warmup_frac * tc.total_steps)
-    return tc.lr * min(1.0, (step + 1) / warm)
+    factor = min(1.0, (step + 1) / warm)
+    if tc.lr_cooldown_frac > 0:
+        factor = min(factor, (tc.total_steps - step) / max(1.0, tc.lr_cooldown_frac * tc.total_steps))
+    return tc.lr * factor
+
+
+def l1_factor(step: int, tc: TrainConfig) -> float:
+    """λ's warm-up, as lm_saes: min(1, step / warm-up steps), 0 at the first step."""
+    warm = int(tc.l1_warmup_frac * tc.total_steps)
+    return 1.0 if warm <= 0 else min(1.0, step / warm)
+
+
+def train_config(arch: str, lr: float, total_steps: int, matmul_dtype: torch.dtype) -> TrainConfig:
+    """relu: the authors' recipe (lm_saes, September 2024: 10 % warm-up of lr and λ, 10 % linear
+    cool-down to 0); topk: univ's (1 % warm-up, no cool-down)."""
+    if arch == "relu":
+        return TrainConfig(lr=lr, total_steps=total_steps, matmul_dtype=matmul_dtype)
+    return TrainConfig(lr=lr, total_steps=total_steps, lr_warmup_frac=0.01, lr_cooldown_frac=0.0,
+                       matmul_dtype=matmul_dtype)
 
 
 def default_lr(arch: str, d_sae: int) -> float:

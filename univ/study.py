@@ -30,20 +30,20 @@ from .store import config_key
 PRESETS: dict[str, dict] = {
     # CPU, minutes: a taste of every stage.
     "smoke": dict(tokens=20_000, ctx_len=128, arch="topk", expansion=4, k=16, l1=5.0, sae_batch_size=512,
-                  sae_train_tokens=None, neuron_tokens=5_000, n_seqs=16, state_seqs=None, offbyone_seqs=16,
+                  sae_train_tokens=200_000, sae_eval_tokens=10_000, neuron_tokens=5_000, n_seqs=16, state_seqs=None, offbyone_seqs=16,
                   offbyone_len=129, dtype="auto", store_dtype="auto",
                   baselines=["random-init"], skylines=["sae-seed"], neurons=True),
     # One GPU, well under an hour.
     "quick": dict(tokens=200_000, ctx_len=1024, arch="relu", expansion=8, k=32, l1=5.0, sae_batch_size=4096,
-                  sae_train_tokens=None, neuron_tokens=50_000, n_seqs=1024, state_seqs=None, offbyone_seqs=128,
+                  sae_train_tokens=20_000_000, sae_eval_tokens=65_536, neuron_tokens=50_000, n_seqs=1024, state_seqs=None, offbyone_seqs=128,
                   offbyone_len=129, dtype="auto", store_dtype="auto",
                   baselines=["random-init"], skylines=["sae-seed"], neurons=True),
-    # The study's sizes: 1024-token contexts, SAEs (32x, ReLU + L1) on every layer, MPPC over
-    # 1M tokens, every reference point (model-seed when --model-c is given), neurons over 100K;
+    # The study's sizes: 1024-token contexts, SAEs (32x, ReLU + L1) on every layer trained on 100M
+    # streamed tokens each (after the window's documents), MPPC over 1M tokens, every reference point (model-seed when --model-c is given), neurons over 100K;
     # models run in fp32, activations stored in bf16; the authors' circuit sizes: 65,536 sequences
     # (2,048 for Mamba's state->logit), Off-by-One 128 x 129.
     "paper": dict(tokens=1_000_000, ctx_len=1024, arch="relu", expansion=32, k=32, l1=5.0, sae_batch_size=4096,
-                  sae_train_tokens=None, neuron_tokens=100_000, n_seqs=65_536, state_seqs=2_048, offbyone_seqs=128,
+                  sae_train_tokens=100_000_000, sae_eval_tokens=65_536, neuron_tokens=100_000, n_seqs=65_536, state_seqs=2_048, offbyone_seqs=128,
                   offbyone_len=129, dtype="fp32", store_dtype="bf16",
                   baselines=["random-init"], skylines=["sae-seed", "model-seed"], neurons=True),
 }
@@ -102,17 +102,20 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=s["dtype"],
                        store_dtype=s["store_dtype"], centre=cfg.centre, device=cfg.device, cache_dir=cfg.cache_dir)
     fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
-                    train_tokens=s["sae_train_tokens"], device=cfg.device)
-    common = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--dtype", s["dtype"],
-              "--store-dtype", s["store_dtype"], "--centre", cfg.centre, "--cache-dir", cfg.cache_dir]
+                    train_tokens=s["sae_train_tokens"], eval_tokens=s["sae_eval_tokens"], device=cfg.device)
+    corpus = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--dtype", s["dtype"],
+              "--centre", cfg.centre, "--device", cfg.device, "--cache-dir", cfg.cache_dir]
+    common = [*corpus, "--store-dtype", s["store_dtype"]]
     sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
+    sae_budget = [s["sae_train_tokens"], s["sae_batch_size"], s["sae_eval_tokens"]]
     everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
     with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common)):
         random_b = [models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []
         run_cache(dataclasses.replace(data, models=everyone + random_b), progress)
     quality = []
     for model in everyone:
-        with _stage("fit-sae", _cmd("fit-sae", "--model", model, *sae_flags, "--batch-size", s["sae_batch_size"], *common)):
+        with _stage("fit-sae", _cmd("fit-sae", "--model", model, *sae_flags, "--train-tokens", sae_budget[0],
+                                    "--batch-size", sae_budget[1], "--eval-tokens", sae_budget[2], *corpus)):
             for r in run_fit(fit, "all", cfg.cache_dir, cache_cfg=dataclasses.replace(data, models=[model]),
                              progress=progress):
                 quality.append({"model": model, **{k: v for k, v in r._asdict().items() if k != "path"}})
@@ -123,7 +126,10 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     match_flags = [*[x for v in s["baselines"] for x in ("--baseline", v)], *[x for v in s["skylines"] for x in ("--skyline", v)],
                    "--neurons" if s["neurons"] else "", "--model-c" if cfg.model_c else "", cfg.model_c or "",
                    "--feature-scale", cfg.feature_scale]
-    with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, *common)):
+    with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, "--sae-train-tokens",
+                              sae_budget[0], "--sae-batch-size", sae_budget[1], "--sae-eval-tokens", sae_budget[2],
+                              "--neuron-tokens", s["neuron_tokens"],
+                              *common)):
         comparisons = run_match(req, progress)
     circuit = CircuitConfig(n_seqs=s["n_seqs"], state_seqs=s["state_seqs"], device=cfg.device)
     obo_cfg = dataclasses.replace(circuit, n_seqs=s["offbyone_seqs"], state_seqs=None, seq_len=s["offbyone_len"])
