@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from univ.fit import _make_optimizer, _train_window, evaluate  # noqa: E402
+from univ.sae_metrics import evaluate  # noqa: E402
+from univ.trainer import _optimizer, _train_window  # noqa: E402
 from univ.sae import SAE, SAEConfig  # noqa: E402
 from univ.sae_train import TrainConfig  # noqa: E402
 
@@ -77,7 +78,7 @@ def sync(device):
 
 
 def time_univ(sae, x, tc, batch, steps, device):
-    opt = _make_optimizer(sae, tc.lr, device)
+    opt = _optimizer(sae, tc.lr, device)
     since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     window = 32
     _train_window(sae, opt, x[: 3 * batch], 3, batch, tc, 0, since, 0)  # warm-up (compilation, caches)

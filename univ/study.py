@@ -30,7 +30,7 @@ from .store import config_key
 PRESETS: dict[str, dict] = {
     # CPU, minutes: a taste of every stage.
     "smoke": dict(tokens=20_000, ctx_len=128, arch="topk", expansion=4, k=16, l1=5.0, sae_batch_size=512,
-                  sae_train_tokens=200_000, sae_eval_tokens=10_000, neuron_tokens=5_000, n_seqs=16, state_seqs=None, offbyone_seqs=16,
+                  sae_train_tokens=50_000, sae_eval_tokens=10_000, neuron_tokens=5_000, n_seqs=16, state_seqs=None, offbyone_seqs=16,
                   offbyone_len=129, dtype="auto", store_dtype="auto",
                   baselines=["random-init"], skylines=["sae-seed"], neurons=True),
     # One GPU, well under an hour.
