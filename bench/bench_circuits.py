@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_mamba import mamba_130m, pythia_160m  # noqa: E402
 from univ import models  # noqa: E402
-from univ.circuit import CircuitConfig
+from univ.circuit import CircuitConfig  # noqa: E402
 from univ.induction import run_induction  # noqa: E402
 from univ.offbyone import run_offbyone  # noqa: E402
 

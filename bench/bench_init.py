@@ -2,7 +2,7 @@
 default) or at the geometric median of a sample (univ's option), all else equal (the relu recipe,
 fit-sae on a store of residual-like rows with a mean offset), over several seeds.
 
-    python bench/bench_init.py            # d 128, 8x, 1M training tokens, 3 seeds (CPU, ~2 min)
+    python bench/bench_init.py --d 64 --tokens 3M --l1 1   # what the README reports (CPU, ~5 min)
     python bench/bench_init.py --d 768 --expansion 32 --tokens 20M   # the study's shape (GPU)
 """
 

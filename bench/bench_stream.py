@@ -28,7 +28,7 @@ from univ.data import DataConfig  # noqa: E402
 from univ.store import Store  # noqa: E402
 
 SIZES = {
-    "gpu": dict(narrow=False, expansion=32, batch=4096, window=262_144, tokens=2_000_000, ctx=1024, contexts=16),
+    "gpu": dict(narrow=False, expansion=32, batch=4096, window=131_072, tokens=524_288, ctx=1024, contexts=16),
     "cpu": dict(narrow=True, expansion=32, batch=4096, window=32_768, tokens=65_536, ctx=256, contexts=16),
 }
 
