@@ -107,8 +107,13 @@ def test_fit_sae_cli_streams_every_layer_then_hits(assets, tmp_path, capsys, mon
     args = ["fit-sae", "-m", assets[family], "--dataset", assets["big_corpus"], "--tokens", "3000", "--ctx-len", "24",
             "--expansion", "2", "--batch-size", "128", "--eval-tokens", "1000", "--train-tokens", "6400",
             "--window-rows", "1024", "--arch", "topk", "--k", "4", "--cache-dir", tmp_path / "cache", "--format", "json"]
+    code, _, err = run(capsys, "cache", "-m", assets[family], "--dataset", assets["big_corpus"], "--tokens", "3000",
+                       "--ctx-len", "24", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
     code, out, err = run(capsys, *args)
     assert code == 0, err
+    # fit-sae found `univ cache`'s token store (the MPPC window) and added only the held-out rows'.
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
     rows = json.loads(out)["fit-sae"]
     n_layers = models.resolve(str(assets[family])).n_layers
     assert [r["layer"] for r in rows] == list(range(n_layers))

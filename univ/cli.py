@@ -108,7 +108,7 @@ def cache(
     split: str = typer.Option("train", "--split", help="Dataset split (Hugging Face datasets)."),
     dataset_revision: str = typer.Option(None, "--dataset-revision", help="Dataset revision on the Hub, e.g. refs/convert/parquet."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text."),
-    chunk_tokens: str = typer.Option("64k", "--chunk-tokens", help="Context tokens per chunk file (the unit of resumption)."),
+    chunk_tokens: str = typer.Option("65536", "--chunk-tokens", help="Context tokens per chunk file (the unit of resumption); part of the token store's key, so the other commands' 65536 finds the same store."),
     hook: str = typer.Option("resid_post", "--hook", help="resid_post (residual stream after each block) or neurons."),
     cache_dir: Path = CacheDirOpt,
     force: bool = typer.Option(False, "--force", help="Recompute the activation stores."),

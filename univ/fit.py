@@ -161,7 +161,8 @@ def _train(cfg: FitConfig, plan: _Plan, sae_cfgs: dict[int, SAEConfig], out_dirs
 
 
 def _todo(cfg: FitConfig, out_dirs: dict[int, Path]) -> list[int]:
-    return [layer for layer, out in out_dirs.items() if cfg.force or not (out / "sae.safetensors").is_file()]
+    """Layers whose SAE is not finished (SAE.save writes cfg.json after the weights)."""
+    return [layer for layer, out in out_dirs.items() if cfg.force or not (out / "cfg.json").is_file()]
 
 
 def _result(layer: int, hook: str, cfg: FitConfig, plan: _Plan, out: Path) -> SAEResult:
