@@ -5,6 +5,7 @@ import pytest
 
 from univ.data import DataConfig, iter_contexts, iter_texts
 from univ.errors import UnivError
+from univ.store import Store
 
 
 def test_txt_documents_are_blank_line_separated(tmp_path):
@@ -53,3 +54,43 @@ def test_contexts_prepend_bos_cut_and_mask(assets):
     assert (first.mask == expected).all()
     assert second.mask[1:].all() and not second.mask[0]  # cut at ctx_len, BOS dropped
     assert list(second.tokens[1:]) == tok(long_doc, add_special_tokens=False)["input_ids"][:15]
+
+
+def test_a_hub_dataset_with_a_loading_script_is_read_from_its_parquet_conversion(assets, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """datasets >= 4 refuses script datasets (Skylion007/openwebtext among them): univ reads the
+    Hub's parquet conversion instead, says so once, and keys the token store by that revision."""
+    from types import SimpleNamespace
+
+    from univ import data as data_mod
+    from univ.cache import CacheConfig, run_cache
+
+    docs = [{"text": d} for d in assets["docs"]]
+    calls = []
+
+    class Stream(list):
+        def shuffle(self, seed, buffer_size):
+            return self
+
+    def load_dataset(name, split, revision=None, streaming=False):
+        calls.append(revision)
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found owt.py")
+        assert revision == data_mod.PARQUET_REVISION and split == "train" and streaming
+        return Stream(docs)
+
+    monkeypatch.setattr(data_mod, "_datasets", lambda: SimpleNamespace(load_dataset=load_dataset))
+    data_mod.resolved.cache_clear()
+    caplog.set_level("WARNING", logger="univ")
+    cfg = CacheConfig(models=[str(assets["neox"])], dataset="someone/owt-with-a-script", tokens=500, ctx_len=24,
+                      cache_dir=tmp_path / "cache")
+    for _ in range(2):
+        result = run_cache(cfg, progress=False)
+    store = Store.read(result.tokens_store)
+    assert store.complete and store.rows == 500
+    assert store.config["data"]["revision"] == data_mod.PARQUET_REVISION
+    assert [r.message for r in caplog.records].count(
+        "someone/owt-with-a-script ships a loading script, which datasets no longer runs; reading its parquet "
+        "conversion (revision refs/convert/parquet) instead") == 1
+    assert calls.count(None) == 1
+    data_mod.resolved.cache_clear()

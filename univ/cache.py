@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import models
-from .data import DataConfig, is_local, iter_contexts, iter_texts
+from .data import DataConfig, is_local, iter_contexts, iter_texts, resolved
 from .errors import UnivError
 from .options import parse_layers
 from .store import HOOKS, Lock, Store, acts_dir, config_key, ensure_writable, resid_hook, slug, tokens_dir
@@ -128,11 +128,16 @@ def format_layers(layers: list[int]) -> str:
     return ",".join(parts)
 
 
+def data_config(cfg: CacheConfig) -> DataConfig:
+    """The corpus a CacheConfig reads, with the revision that will actually be read."""
+    return resolved(DataConfig(cfg.dataset, cfg.split, cfg.dataset_revision, cfg.text_field, cfg.ctx_len, cfg.seed))
+
+
 def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True, first_doc: int = 0) -> tuple[str, Store]:
     """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store).
     ``first_doc``: start after that many documents of the seeded order (the SAEs' held-out rows
     follow the MPPC window's documents); chunks record ``docs_end`` counted from the corpus start."""
-    data = DataConfig(cfg.dataset, cfg.split, cfg.dataset_revision, cfg.text_field, cfg.ctx_len, cfg.seed)
+    data = data_config(cfg)
     bos = models.bos_id(tokenizer)
     drop = models.special_ids(tokenizer)
     pad = bos  # padding sits after the document, masked: its value only has to be the same for everyone

@@ -7,7 +7,10 @@ same contexts produce activations for the same tokens, row for row.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +20,13 @@ import numpy as np
 
 from .errors import UnivError
 
+log = logging.getLogger("univ")
+
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_SHUFFLE_BUFFER = 10_000
 TOKENIZE_BATCH = 64
+PARQUET_REVISION = "refs/convert/parquet"
+"""The Hub's parquet conversion of a dataset, readable where its loading script no longer is."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +100,37 @@ def iter_texts(cfg: DataConfig) -> Iterator[str]:
     yield from _iter_hub(cfg)
 
 
-def _iter_hub(cfg: DataConfig) -> Iterator[str]:
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise UnivError("reading a Hugging Face dataset needs the 'datasets' package (pip install datasets)") from None
+    return datasets
+
+
+def _refuses_scripts(e: Exception) -> bool:
+    return isinstance(e, RuntimeError) and "Dataset scripts are no longer supported" in str(e)
+
+
+@functools.lru_cache(maxsize=None)
+def resolved(cfg: DataConfig) -> DataConfig:
+    """The revision that will be read: a Hub dataset that still ships a loading script (as
+    Skylion007/openwebtext, the study's corpus) is refused by datasets >= 4, so its parquet
+    conversion is read instead, said once. Local corpora and given revisions are left as they are."""
+    if is_local(cfg.dataset) or cfg.revision is not None:
+        return cfg
+    try:
+        _datasets().load_dataset(cfg.dataset, split=cfg.split, streaming=True)
+    except Exception as e:  # any other failure is reported when the dataset is read
+        if _refuses_scripts(e):
+            log.warning("%s ships a loading script, which datasets no longer runs; reading its parquet conversion "
+                        "(revision %s) instead", cfg.dataset, PARQUET_REVISION)
+            return dataclasses.replace(cfg, revision=PARQUET_REVISION)
+    return cfg
+
+
+def _iter_hub(cfg: DataConfig) -> Iterator[str]:
+    datasets = _datasets()
     try:
         ds = datasets.load_dataset(cfg.dataset, split=cfg.split, revision=cfg.revision, streaming=True)
         ds = ds.shuffle(seed=cfg.seed, buffer_size=HF_SHUFFLE_BUFFER)

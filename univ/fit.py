@@ -26,8 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import models, stream, trainer
-from .cache import CacheConfig, build_token_store, format_layers, model_key
-from .data import DataConfig
+from .cache import CacheConfig, build_token_store, data_config, format_layers, model_key
 from .errors import UnivError
 from .options import parse_layers
 from .sae import SAE, SAEConfig
@@ -310,8 +309,7 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
     window_key, window_store = build_token_store(data, tokenizer, progress)
     held_key, held_out = build_token_store(dataclasses.replace(data, tokens=cfg.eval_tokens), tokenizer, progress,
                                            first_doc=_docs_end(window_store))
-    source = stream.source(DataConfig(data.dataset, data.split, data.dataset_revision, data.text_field, data.ctx_len,
-                                      data.seed), _docs_end(held_out), tokenizer, cfg.batch_contexts)
+    source = stream.source(data_config(data), _docs_end(held_out), tokenizer, cfg.batch_contexts)
     mkey = model_key(src, dtype, centred=centred)
     identity = {"model": mkey, "window_tokens": window_key, "held_out_tokens": held_key,
                 "first_doc": source.first_doc, "batch_contexts": cfg.batch_contexts}
