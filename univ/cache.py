@@ -180,6 +180,9 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     done = store.chunks
     skip_docs = done[start - 1]["docs_end"] if start else first_doc
     kept = store.rows
+    if kept >= cfg.tokens:  # killed after the last chunk, before the manifest said so: nothing to add
+        store.set_complete(True)
+        return
     bar = tqdm(total=cfg.tokens, initial=kept, desc="tokenize", unit="tok", unit_scale=True,
                disable=None if progress else True, leave=False)
     texts = itertools.islice(iter_texts(data), skip_docs, None)

@@ -3,7 +3,6 @@ random sequences they draw from, and running means of p(B) and logit(B) over bat
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from . import models
 from .errors import UnivError
+from . import files
 from .options import parse_layers
 from .store import config_key
 
@@ -62,13 +62,16 @@ class CircuitResult:
     """Per analysis, its sequences' clean p_B and logit_B, and how many (n_seqs)."""
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(asdict(self), indent=1) + "\n")
-        path.with_suffix(".tmp").replace(path)
+        files.write_json(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> CircuitResult:
-        return cls(**json.loads(path.read_text()))
+    def load(cls, path: Path) -> CircuitResult | None:
+        """The saved result, or None when there is none or it cannot be read (then it is recomputed)."""
+        saved = files.read_json(path)
+        try:
+            return cls(**saved) if isinstance(saved, dict) else None
+        except TypeError:
+            return None
 
 
 def check(cfg: CircuitConfig, lm: models.LM, min_len: int = 4) -> None:

@@ -15,7 +15,6 @@ stream per group (all layers in one pass when they fit; see ``layer_groups``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import torch
 from . import models, stream, trainer
 from .cache import CacheConfig, build_token_store, data_config, format_layers, model_key
 from .errors import UnivError
+from . import files
 from .options import parse_layers
 from .sae import SAE, SAEConfig
 from .sae_metrics import evaluate, loss_recovered, spliced
@@ -154,25 +154,26 @@ def _train(cfg: FitConfig, plan: _Plan, sae_cfgs: dict[int, SAEConfig], out_dirs
     for layer, sae in saes.items():
         out = out_dirs[layer]
         (out / "metrics.json").unlink(missing_ok=True)
+        (out / "cfg.json").unlink(missing_ok=True)  # unfinished until sae.save writes it again
+        files.write_json(out / "recipe.json", recipes[layer])
         sae.save(out)
-        (out / "recipe.json").write_text(json.dumps(recipes[layer], indent=1, default=str) + "\n")
         trainer.drop_checkpoint(out)
 
 
 def _todo(cfg: FitConfig, out_dirs: dict[int, Path]) -> list[int]:
     """Layers whose SAE is not finished (SAE.save writes cfg.json after the weights)."""
-    return [layer for layer, out in out_dirs.items() if cfg.force or not (out / "cfg.json").is_file()]
+    return [layer for layer, out in out_dirs.items() if cfg.force or files.read_json(out / "cfg.json") is None]
+
+
+def _measured(out: Path) -> bool:
+    return files.read_json(out / "metrics.json") is not None
 
 
 def _result(layer: int, hook: str, cfg: FitConfig, plan: _Plan, out: Path) -> SAEResult:
-    m = json.loads((out / "metrics.json").read_text())
+    m = files.read_json(out / "metrics.json")
     return SAEResult(layer, hook, cfg.arch, plan.d_sae, plan.train_tokens, round(m["l0"], 2),
                      round(m["explained_variance"], 4), round(m["dead_fraction"], 4),
                      None if m["loss_recovered"] is None else round(m["loss_recovered"], 4), str(out))
-
-
-def _write_metrics(out: Path, metrics: dict) -> None:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
 
 # -- training from activation stores --------------------------------------------------------------
@@ -263,7 +264,7 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
     eval_rows, lm = None, None
     for ld in stores:
         out = out_dirs[ld.layer]
-        if not (out / "metrics.json").is_file():
+        if not _measured(out):
             if eval_rows is None:
                 eval_rows = next(iter_windows(stores, n_train, n_rows, n_eval, device))
             sae = SAE.load(out, device)
@@ -273,7 +274,7 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
                 lm = lm or load_lm()
                 metrics["loss_recovered"] = loss_recovered(lm, ld.layer, spliced(sae, bool(ld.store.config.get("centred"))),
                                                            tstore, n_eval, cfg.loss_recovered_contexts)
-            _write_metrics(out, metrics)
+            files.write_json(out / "metrics.json", metrics)
     return [_result(ld.layer, ld.store.config.get("hook", f"layer{ld.layer}"), cfg, plan, out_dirs[ld.layer])
             for ld in stores]
 
@@ -320,7 +321,7 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
         sae_cfgs[layer], recipes[layer] = sc, _recipe(cfg, plan, sc, stream=identity)
         out_dirs[layer] = sae_root(cache_dir, mkey, resid_hook(layer)) / f"{cfg.arch}-{config_key(recipes[layer])}"
     todo = _todo(cfg, out_dirs)
-    unmeasured = [layer for layer in layers if layer in todo or not (out_dirs[layer] / "metrics.json").is_file()]
+    unmeasured = [layer for layer in layers if layer in todo or not _measured(out_dirs[layer])]
     if unmeasured:
         lm = models.load_source(src, device, dtype)
         groups = layer_groups(unmeasured, src.d_model, plan, cfg, lm.dtype.itemsize, device)
@@ -338,7 +339,7 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
                     metrics = evaluate(sae, rows[layer])
                     metrics["loss_recovered"] = loss_recovered(lm, layer, spliced(sae, centred), held_out, held_out.rows,
                                                                cfg.loss_recovered_contexts)
-                    _write_metrics(out_dirs[layer], metrics)
+                    files.write_json(out_dirs[layer] / "metrics.json", metrics)
                 del rows
     return [_result(layer, resid_hook(layer), cfg, plan, out_dirs[layer]) for layer in layers]
 

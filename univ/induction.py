@@ -199,8 +199,8 @@ def run_induction(lm: models.LM, cfg: CircuitConfig, cache_dir, force: bool = Fa
                   progress: bool = True) -> CircuitResult:
     check(cfg, lm)
     path = induction_path(cache_dir, lm, cfg)
-    if path.is_file() and not force:
-        return CircuitResult.load(path)
+    if not force and (saved := CircuitResult.load(path)) is not None:
+        return saved
     run = mamba_induction if lm.family == "mamba" else neox_induction
     result = run(lm, cfg, progress)
     result.save(path)

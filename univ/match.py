@@ -9,19 +9,20 @@ they count as 0, which is what the authors' variance clamp gives them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from . import models
 from .correlate import Encoded, encode_window, pair_max
 from .errors import UnivError
+from . import files
 from .store import Store, config_key, slug
 
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -160,8 +161,8 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
     n = min(cfg.tokens, rows)
     key = config_key({"a": a.ident, "b": b.ident, "tokens": n})
     out = out_root / f"{slug(a.label)}__{slug(b.label)}" / f"{slug(name)}-{key}"
-    if (out / "summary.json").is_file() and (out / "mppc.safetensors").is_file():
-        return load_comparison(out)
+    if (saved := load_comparison(out)) is not None:
+        return saved
     device = models.resolve_device(cfg.device)
     la, lb = sorted(a.stores), sorted(b.stores)
     bar = tqdm(total=len(la) + len(lb) + len(la) * len(lb), desc=f"match {name}", unit="step",
@@ -211,19 +212,20 @@ _TENSORS = ("a_value", "a_layer", "a_index", "a_fires", "b_value", "b_layer", "b
 
 
 def _save(c: Comparison, out: Path, ident: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: getattr(c, k).contiguous() for k in _TENSORS}, out / "mppc.safetensors.tmp")
-    (out / "mppc.safetensors.tmp").replace(out / "mppc.safetensors")
+    files.write_bytes(out / "mppc.safetensors", st_save({k: getattr(c, k).contiguous() for k in _TENSORS}))
     meta = {"name": c.name, "a": c.a, "b": c.b, "layers_a": c.layers_a, "layers_b": c.layers_b,
             "tokens": c.tokens, "feature_scale": {side: ident[side].get("feature_scale") for side in ident},
             "inputs": ident,
             "summary": c.summary(False), "summary_dead_as_zero": c.summary(True)}
-    (out / "summary.json.tmp").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    (out / "summary.json.tmp").replace(out / "summary.json")
+    files.write_json(out / "summary.json", meta)  # last: its presence marks a finished comparison
 
 
-def load_comparison(out: Path) -> Comparison:
-    meta = json.loads((out / "summary.json").read_text())
-    t = load_file(out / "mppc.safetensors")
-    return Comparison(meta["name"], meta["a"], meta["b"], meta["layers_a"], meta["layers_b"], meta["tokens"],
-                      *(t[k] for k in _TENSORS[:-1]), t["depth"], str(out))
+def load_comparison(out: Path) -> Comparison | None:
+    """A saved comparison, or None when it is missing or cannot be read (then it is recomputed)."""
+    meta = files.read_json(out / "summary.json")
+    try:
+        t = load_file(out / "mppc.safetensors")
+        return Comparison(meta["name"], meta["a"], meta["b"], meta["layers_a"], meta["layers_b"], meta["tokens"],
+                          *(t[k] for k in _TENSORS[:-1]), t["depth"], str(out))
+    except Exception:  # missing, truncated or not what this univ writes: compute it again
+        return None

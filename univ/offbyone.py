@@ -81,8 +81,8 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
     ind_cfg = induction or default_induction(cfg)
     follows = _follows(lm, cfg, layer)
     path = offbyone_path(cache_dir, lm, cfg, layer, induction)
-    if path.is_file() and not force:
-        return CircuitResult.load(path)
+    if not force and (saved := CircuitResult.load(path)) is not None:
+        return saved
     data = offbyone_data(lm, cfg)
     T = cfg.seq_len
     means = Means()

@@ -6,6 +6,7 @@ file and the artefacts it names: SAE metrics, match results, circuit results.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from .errors import UnivError  # noqa: E402
+from . import files  # noqa: E402
 from .circuit import CircuitResult  # noqa: E402
 from .match import load_comparison  # noqa: E402
 
@@ -40,8 +42,10 @@ def _fig(title: str, xlabel: str, ylabel: str, size=(7, 4.5)):
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    files.write_bytes(path, png.getvalue())
     return path.name
 
 
@@ -124,6 +128,13 @@ def _md(rows: list[dict]) -> str:
     return tabulate(rows, headers="keys", tablefmt="github", floatfmt="g") if rows else "(none)"
 
 
+def _circuit(path: Path) -> CircuitResult:
+    result = CircuitResult.load(path)
+    if result is None:
+        raise UnivError(f"{path} is missing or unreadable; rerun `univ all` to compute it again")
+    return result
+
+
 def write_report(run_file: Path, out: Path) -> dict:
     """Write report.md and the figures; returns {'report': path, 'figures': [paths]}."""
     try:
@@ -132,7 +143,7 @@ def write_report(run_file: Path, out: Path) -> dict:
         raise UnivError(f"cannot read {run_file}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     comparisons = [load_comparison(Path(p)) for p in run.get("match", [])]
-    circuits = {kind: [CircuitResult.load(Path(p)) for p in paths] for kind, paths in run.get("circuits", {}).items()}
+    circuits = {kind: [_circuit(Path(p)) for p in paths] for kind, paths in run.get("circuits", {}).items()}
     figures = [f for f in (mppc_figure(comparisons, out, False), mppc_figure(comparisons, out, True)) if f]
     main = next((c for c in comparisons if c.name == "main"), None)
     if main is not None:
@@ -159,5 +170,5 @@ def write_report(run_file: Path, out: Path) -> dict:
             lines += [f"### {r.model}", "", _md(r.rows["write at position p corrupted"]), ""]
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    files.write_text(report, "\n".join(lines))
     return {"report": str(report), "figures": [str(out / f) for f in figures]}

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from . import __version__
 from .errors import UnivError
+from . import files
 
 ARCHS = ("relu", "topk")
 NORMALISATIONS = ("token", "dataset", "none")
@@ -155,12 +157,8 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / "sae.safetensors.tmp"
-        save_file(tensors, tmp)
-        tmp.replace(directory / "sae.safetensors")
-        tmp = directory / "cfg.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.cfg), indent=1) + "\n")
-        tmp.replace(directory / "cfg.json")
+        files.write_bytes(directory / "sae.safetensors", st_save(tensors))
+        files.write_json(directory / "cfg.json", asdict(self.cfg))  # last: its presence marks a finished SAE
 
     @classmethod
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> SAE:

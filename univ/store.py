@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import UnivError
+from . import files
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,15 +50,6 @@ def slug(text: str) -> str:
 
 def chunk_name(index: int) -> str:
     return f"chunk-{index:06d}.safetensors"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def ensure_writable(directory: Path) -> None:
@@ -139,7 +131,7 @@ class Store:
     def save_manifest(self) -> None:
         self.manifest["chunks"].sort(key=lambda c: c["index"])
         self.manifest["rows"] = self.rows
-        _write_atomic(self.path / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+        files.write_bytes(self.path / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
 
     def set_complete(self, complete: bool = True, **extra) -> None:
         self.manifest["complete"] = complete
@@ -153,7 +145,7 @@ class Store:
     def write_chunk(self, index: int, tensors: dict[str, torch.Tensor], rows: int, **extra) -> None:
         """Write one chunk atomically, then record it in the manifest."""
         data = st_save({k: v.contiguous() for k, v in tensors.items()})
-        _write_atomic(self.path / chunk_name(index), data)
+        files.write_bytes(self.path / chunk_name(index), data)
         entry = {"index": index, "file": chunk_name(index), "rows": rows,
                  "sha256": hashlib.sha256(data).hexdigest(), **extra}
         self.manifest["chunks"] = [c for c in self.manifest["chunks"] if c["index"] != index] + [entry]
@@ -211,8 +203,7 @@ class Store:
         return good
 
     def clean_temporaries(self) -> None:
-        for tmp in self.path.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        files.remove_temporaries(self.path)
 
 
 class Lock:
@@ -223,17 +214,20 @@ class Lock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = self.path.open("w")
+        try:  # never truncate, never follow a link: the lock file's content is not ours to touch
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise UnivError(f"cannot open the lock {self.path} ({e.strerror}; a link there is refused)") from None
         try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.fh.close()
+            os.close(self.fd)
             raise UnivError(f"{self.path.parent} is being written by another univ process") from None
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def tokens_dir(cache_dir: Path, tokens_key: str) -> Path:

@@ -8,7 +8,6 @@ reruns it alone; a rerun of `univ all` skips everything already in the cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import contextmanager
 import shlex
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import NamedTuple
 from . import __version__, models
 from .cache import CacheConfig, run_cache
 from .errors import UnivError
+from . import files
 from .fit import FitConfig, run_fit
 from .circuit import CircuitConfig
 from .induction import induction_path, run_induction
@@ -153,8 +153,7 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
                                           "feature_scale", "centre")})
     run_file = cfg.cache_dir / RUNS / key / "run.json"
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(run, indent=1, default=str) + "\n")
+    files.write_json(run_file, run)
     with _stage("report", _cmd("report", "--cache-dir", cfg.cache_dir, "--run", run_file)):
         report = write_report(run_file, cfg.out or cfg.cache_dir / "report")
     return StudyResult(summary(quality, comparisons, induction, offbyone), run_file, report)

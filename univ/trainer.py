@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .errors import UnivError
 from .sae import SAE, SAEConfig
 from .sae_train import TrainConfig, after_step, before_step, lr_at, step_loss
-from .store import _write_atomic
+from . import files
 
 CHECKPOINT = "checkpoint.safetensors"
 INIT_ROWS = 4096
@@ -113,7 +113,7 @@ def save_checkpoint(out: Path, sae: SAE, opt: torch.optim.Optimizer, since: torc
     tensors["since_fired"] = since.cpu()
     out.mkdir(parents=True, exist_ok=True)
     data = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"state": json.dumps(state)})
-    _write_atomic(out / CHECKPOINT, data)
+    files.write_bytes(out / CHECKPOINT, data)
 
 
 def _load(out: Path, sae: SAE, opt: torch.optim.Optimizer, device) -> tuple[dict, torch.Tensor] | None:
