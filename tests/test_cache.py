@@ -205,3 +205,24 @@ def test_gpt_neox_streams_are_centred_as_transformer_lens_leaves_them(assets, tm
         c, r = neox[0].read_chunk(i)["acts"], neox[1].read_chunk(i)["acts"]
         torch.testing.assert_close(c, r - r.mean(-1, keepdim=True))
         assert r.mean(-1).abs().max() > 1e-3
+
+
+def test_the_cpu_scan_path_is_part_of_a_mamba_stores_key(assets, tmp_path, monkeypatch):
+    """--cpu-scan compiled gives Mamba's stores their own key and config entry (its last bits
+    differ); the default and GPT-NeoX keep theirs."""
+    seen = []
+    real = cache_stage.scan_compiled.mode
+
+    def spy(name):
+        seen.append(name)
+        return real(name)
+
+    monkeypatch.setattr(cache_stage.scan_compiled, "mode", spy)
+    eager = run_cache(_cfg(assets, tmp_path, "neox", "mamba", layers="1"), progress=False)
+    assert set(seen) == {"eager"}
+    seen.clear()
+    compiled = run_cache(_cfg(assets, tmp_path, "neox", "mamba", layers="1", cpu_scan="compiled"), progress=False)
+    assert set(seen) == {"compiled"}  # Mamba's forward ran under the compiled path
+    assert compiled.models[0].store == eager.models[0].store  # GPT-NeoX has no scan
+    assert compiled.models[1].store != eager.models[1].store
+    assert Store.read(Path(compiled.models[1].store) / "resid_post.1").config["cpu_scan"] == "compiled"

@@ -147,3 +147,11 @@ def test_fit_sae_bad_inputs(assets, tmp_path, capsys):
     ]
     for args, fragment in cases:
         assert_one_line_error(*run(capsys, *args), fragment)
+
+
+def test_train_tokens_are_trained_in_full_when_the_store_is_smaller_than_a_window(tmp_path):
+    make_sparse_store(tmp_path / "store", n=20_000)  # 18,000 training rows, windows of 65,536
+    [r] = fit(_fit_cfg(arch="topk", train_tokens=200_000, window_rows=65_536),
+              [LayerData(0, stores_at(tmp_path / "store")[0], tmp_path / "saes")], progress=False)
+    trained = SAE.load(r.path).cfg.store["train"]
+    assert trained["tokens"] == 200_000 // 256 * 256 and r.train_tokens == 200_000

@@ -5,6 +5,7 @@ import torch
 
 from conftest import MAMBA_130M
 from univ import mamba, models, scan_compiled
+from univ.errors import UnivError
 from univ.scan import causal_conv_silu_torch, selective_scan, selective_scan_torch
 
 
@@ -86,39 +87,46 @@ def _scan_inputs(Bt, T, E, N, seed=0):
 @pytest.fixture
 def fresh_cpu_scan(monkeypatch):
     """scan_compiled as a new process finds it, with every CPU scan counted as large."""
-    for name, value in (("MIN_UPDATES", 0), ("_compiled", None), ("_failed", False), ("_eager_s", 0.0)):
-        monkeypatch.setattr(scan_compiled, name, value)
+    monkeypatch.setattr(scan_compiled, "MIN_UPDATES", 0)
+    monkeypatch.setattr(scan_compiled, "_compiled", None)
     return monkeypatch
 
 
-def test_cpu_scan_stays_eager_until_it_has_taken_a_while(fresh_cpu_scan):
-    fresh_cpu_scan.setattr(scan_compiled, "COMPILE_AFTER_S", 3600.0)
+def test_cpu_scan_is_eager_unless_the_run_asks_for_compiled(fresh_cpu_scan):
+    """The path is the run's choice, never elapsed time: without --cpu-scan compiled nothing compiles."""
+    import time
+
+    fresh_cpu_scan.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled without being asked"))
+    clock = iter(range(0, 10**9, 1000))  # every scan seems to take 1000 s: a long, busy run
+    fresh_cpu_scan.setattr(time, "perf_counter", lambda: float(next(clock)))
     x, dt, A, B, C, D, bias, z = _scan_inputs(1, 20, 8, 4)
-    y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)
-    assert scan_compiled._compiled is None and scan_compiled._eager_s > 0
-    torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0])
+    for _ in range(3):
+        y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)
+        assert torch.equal(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0])
 
 
 def test_compiled_cpu_scan_equals_the_eager_one(fresh_cpu_scan):
-    """Once compiling has paid off, large CPU scans without states go through torch.compile; a
-    length that is not a whole number of compiled blocks is padded with Δ = 0."""
-    fresh_cpu_scan.setattr(scan_compiled, "COMPILE_AFTER_S", 0.0)
+    """Asked for, large CPU scans without states go through torch.compile; a length that is not
+    a whole number of compiled blocks is padded with Δ = 0."""
     x, dt, A, B, C, D, bias, z = _scan_inputs(2, 45, 40, 5)
-    y, states = selective_scan(x, dt, A, B, C, D, bias, z=z)
-    if scan_compiled._failed:
-        pytest.skip("torch.compile's C++ backend does not work here; univ falls back to the eager scan")
-    assert states is None and scan_compiled._compiled is not None and scan_compiled._eager_s == 0
+    try:
+        with scan_compiled.mode("compiled"):
+            y, states = selective_scan(x, dt, A, B, C, D, bias, z=z)
+    except UnivError:
+        pytest.skip("torch.compile's C++ backend does not work here")
+    assert states is None and scan_compiled._compiled is not None
     torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_cpu_scan_falls_back_to_the_eager_one(fresh_cpu_scan):
+def test_compiled_cpu_scan_that_cannot_compile_stops_in_one_line(fresh_cpu_scan):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    fresh_cpu_scan.setattr(scan_compiled, "COMPILE_AFTER_S", 0.0)
     fresh_cpu_scan.setattr(scan_compiled, "_compiled", (broken, broken, broken))
     x, dt, A, B, C, D, bias, z = _scan_inputs(1, 20, 8, 4)
-    with pytest.warns(UserWarning, match="compiled CPU scan unavailable"):
-        y, _ = selective_scan(x, dt, A, B, C, D, bias, z=z)
-    assert scan_compiled._failed
-    torch.testing.assert_close(y, selective_scan_torch(x, dt, A, B, C, D, bias, z=z)[0])
+    with pytest.raises(UnivError, match="--cpu-scan compiled: torch.compile fails on this machine"):
+        with scan_compiled.mode("compiled"):
+            selective_scan(x, dt, A, B, C, D, bias, z=z)
+    with pytest.raises(UnivError, match="unknown --cpu-scan"):
+        with scan_compiled.mode("fast"):
+            pass

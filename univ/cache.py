@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import models
+from . import models, scan_compiled
 from .data import DataConfig, is_local, iter_contexts, iter_texts, resolved
 from .errors import UnivError
 from .options import parse_layers
@@ -63,6 +63,9 @@ class CacheConfig:
     """Recompute the activation stores even when complete."""
     hook: str = "resid_post"
     """What to cache: 'resid_post' (residual stream after each block) or 'neurons'."""
+    cpu_scan: str = "eager"
+    """Mamba on the CPU: large scans 'eager' (PyTorch) or 'compiled' (torch.compile, ~2x faster
+    scans, last bits differ): chosen here, recorded in the key, never switched midway."""
     centre: str = "layernorm"
     """'layernorm': the residual stream of a model that reads it through LayerNorm (GPT-NeoX) is
     stored minus its per-token mean over d_model, which the model cannot see. TransformerLens'
@@ -86,25 +89,42 @@ class CacheResult(NamedTuple):
     models: list[ModelCacheSummary]
 
 
-def model_key(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype | None = None,
-              centred: bool = False) -> str:
+class Computed(NamedTuple):
+    """How a model's activations are computed and stored, beyond its weights."""
+
+    dtype: torch.dtype
+    store_dtype: torch.dtype
+    centred: bool
+    compiled_scan: bool
+    """Mamba on the CPU: large scans through torch.compile (--cpu-scan compiled)."""
+
+    def extras(self) -> dict:
+        """What differs from the plain setting (stored as computed, not centred, eager scan): only
+        those enter keys and configs, so that stores cached before these options keep theirs."""
+        return {**({"store_dtype": _name(self.store_dtype)} if self.store_dtype != self.dtype else {}),
+                **({"centred": True} if self.centred else {}),
+                **({"cpu_scan": "compiled"} if self.compiled_scan else {})}
+
+
+def computed(cfg: CacheConfig, src: models.ModelSource, device: torch.device) -> Computed:
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    store_dtype = dtype if cfg.store_dtype == "auto" else models.resolve_dtype(cfg.store_dtype, device)
+    if cfg.cpu_scan not in scan_compiled.MODES:
+        raise UnivError(f"unknown --cpu-scan {cfg.cpu_scan!r} (use {' or '.join(scan_compiled.MODES)})")
+    return Computed(dtype, store_dtype, cfg.hook == "resid_post" and models.centred(src, cfg.centre),
+                    cfg.cpu_scan == "compiled" and src.family == "mamba" and device.type == "cpu")
+
+
+def model_key(src: models.ModelSource, dtype: torch.dtype, how: Computed | None = None) -> str:
     """Folder name of a model's activations (or circuit results): readable prefix plus a hash of
-    what fixes its values. A storage dtype other than the forward dtype, and centring, are part
-    of it (only when used, so that stores cached before these options keep their keys)."""
+    what fixes its values."""
     key_config = {"model": "local" if src.is_local else src.ref, "revision": src.revision,
-                  "layout": src.layout, "dtype": _name(dtype), **_stored_as(dtype, store_dtype),
-                  **({"centred": True} if centred else {})}
+                  "layout": src.layout, "dtype": _name(dtype), **(how.extras() if how else {})}
     return f"{slug(src.short_name)}-{config_key(key_config)}"
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _stored_as(dtype: torch.dtype, store_dtype: torch.dtype | None) -> dict:
-    """{'store_dtype': name} when activations are stored in another dtype than computed, else {}
-    (so stores cached before the option existed keep their keys)."""
-    return {"store_dtype": _name(store_dtype)} if store_dtype not in (None, dtype) else {}
 
 
 def _data_identity(dataset: str) -> dict:
@@ -224,29 +244,26 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     store.set_complete(True)
 
 
-def _act_config(src: models.ModelSource, dtype: torch.dtype, store_dtype: torch.dtype, tokens_key: str, layer: int,
-                hook: str, centred: bool) -> dict:
+def _act_config(src: models.ModelSource, how: Computed, tokens_key: str, layer: int, hook: str) -> dict:
     return {"model": {"ref": "local" if src.is_local else src.ref, "revision": src.revision,
                       "layout": src.layout, "family": src.family},
-            "dtype": _name(dtype), **_stored_as(dtype, store_dtype), **({"centred": True} if centred else {}),
-            "tokens_store": tokens_key, "hook": resid_hook(layer, hook), "layer": layer, "d_model": src.d_model}
+            "dtype": _name(how.dtype), **how.extras(), "tokens_store": tokens_key, "hook": resid_hook(layer, hook),
+            "layer": layer, "d_model": src.d_model}
 
 
 def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tstore: Store,
                 progress: bool = True) -> ModelCacheSummary:
     """Fill (or verify) one model's activation stores for the requested layers."""
     device = models.resolve_device(cfg.device)
-    dtype = models.resolve_dtype(cfg.dtype, device)
-    store_dtype = dtype if cfg.store_dtype == "auto" else models.resolve_dtype(cfg.store_dtype, device)
+    how = computed(cfg, src, device)
     layers = parse_layers(cfg.layers, src.n_layers)
-    centred = cfg.hook == "resid_post" and models.centred(src, cfg.centre)
-    mkey = model_key(src, dtype, store_dtype, centred)
+    mkey = model_key(src, how.dtype, how)
     root = acts_dir(cfg.cache_dir, mkey, tokens_key, "")
     with Lock(root):
         stores = {}
         for layer in layers:
             s = Store.open_or_create(acts_dir(cfg.cache_dir, mkey, tokens_key, resid_hook(layer, cfg.hook)), "acts",
-                                     _act_config(src, dtype, store_dtype, tokens_key, layer, cfg.hook, centred),
+                                     _act_config(src, how, tokens_key, layer, cfg.hook),
                                      force=cfg.force)
             s.manifest["model_name"] = src.name
             s.clean_temporaries()
@@ -255,7 +272,7 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
         todo = {i: [layer for layer in layers if i not in intact[layer]] for i in sorted(tstore.chunks)}
         todo = {i: missing for i, missing in todo.items() if missing}
         if todo:
-            _forward_chunks(cfg, src, device, dtype, store_dtype, centred, tstore, stores, todo, progress)
+            _forward_chunks(cfg, src, device, how, tstore, stores, todo, progress)
         for s in stores.values():
             if not s.complete:
                 s.set_complete(True)
@@ -265,20 +282,21 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
                              round(seconds, 2), round(rows / seconds) if seconds else 0.0)
 
 
-def _forward_chunks(cfg, src, device, dtype, store_dtype, centred: bool, tstore: Store, stores: dict[int, Store],
+def _forward_chunks(cfg, src, device, how: Computed, tstore: Store, stores: dict[int, Store],
                     todo: dict[int, list[int]], progress: bool) -> None:
-    lm = models.load_source(src, device, dtype)
+    lm = models.load_source(src, device, how.dtype)
     chunk_rows = tstore.chunks
     bar = tqdm(total=sum(chunk_rows[i]["rows"] for i in todo), desc=f"cache {src.short_name}",
                unit="tok", unit_scale=True, disable=None if progress else True)
     with bar:
         for index, layers in todo.items():
-            _forward_chunk(cfg, lm, tstore, index, layers, stores, store_dtype, centred)
+            with scan_compiled.mode("compiled" if how.compiled_scan else "eager"):
+                _forward_chunk(cfg, lm, tstore, index, layers, stores, how)
             bar.update(chunk_rows[index]["rows"])
 
 
 def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores: dict[int, Store],
-                   store_dtype: torch.dtype, centred: bool) -> None:
+                   how: Computed) -> None:
     """One token chunk through the model; one activation chunk per missing layer."""
     chunk = tstore.read_chunk(index)
     tokens, mask = chunk["tokens"], chunk["mask"]
@@ -287,10 +305,10 @@ def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores
     for b in range(0, len(tokens), cfg.batch_size):
         t, m = tokens[b:b + cfg.batch_size], mask[b:b + cfg.batch_size]
         width = int(m.any(0).nonzero().max()) + 1  # causal models: later positions change nothing
-        resid = lm.activations(cfg.hook, t[:, :width].long(), layers, centre=centred)
+        resid = lm.activations(cfg.hook, t[:, :width].long(), layers, centre=how.centred)
         m = m[:, :width].to(resid.device)
         for j, layer in enumerate(layers):
-            parts[layer].append(resid[j][m].to(store_dtype).cpu())
+            parts[layer].append(resid[j][m].to(how.store_dtype).cpu())
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -313,8 +331,9 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     if cfg.hook not in HOOKS:
         raise UnivError(f"unknown hook {cfg.hook!r} (use {' or '.join(HOOKS)})")
     sources = [models.resolve(name) for name in cfg.models]
+    device = models.resolve_device(cfg.device)
     for src in sources:
-        models.centred(src, cfg.centre)
+        computed(cfg, src, device)
         parse_layers(cfg.layers, src.n_layers)
         if src.max_ctx is not None and cfg.ctx_len > src.max_ctx:
             raise UnivError(f"--ctx-len {cfg.ctx_len} is beyond {src.name}'s limit of {src.max_ctx} tokens")
@@ -324,10 +343,6 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
         if fp != prints[0]:
             raise UnivError(f"{sources[0].name} and {src.name} have different tokenizers, "
                             "so their activations cannot be paired token for token")
-    device = models.resolve_device(cfg.device)
-    models.resolve_dtype(cfg.dtype, device)
-    if cfg.store_dtype != "auto":
-        models.resolve_dtype(cfg.store_dtype, device)
     ensure_writable(cfg.cache_dir)
     key, tstore = build_token_store(cfg, tokenizers[0], progress)
     summaries = [cache_model(cfg, src, key, tstore, progress) for src in sources]

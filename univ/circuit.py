@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import models
+from . import files, models
 from .errors import UnivError
-from . import files
 from .options import parse_layers
 from .store import config_key
 

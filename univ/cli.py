@@ -35,6 +35,9 @@ CacheDirOpt = typer.Option(Path("univ-cache"), "--cache-dir", envvar="UNIV_CACHE
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="Forward dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
 StoreDtypeOpt = typer.Option("auto", "--store-dtype", help="Dtype the activations are stored in: auto (the forward dtype), bf16, fp16, fp32.")
+CpuScanOpt = typer.Option(
+    "eager", "--cpu-scan",
+    help="Mamba on the CPU: eager (PyTorch) or compiled (torch.compile, faster scans, last bits differ); part of the cache key.")
 CentreOpt = typer.Option(
     "layernorm", "--centre",
     help="layernorm: store the residual stream of models that read it through LayerNorm (GPT-NeoX) minus its "
@@ -103,6 +106,7 @@ def cache(
     dtype: str = DtypeOpt,
     store_dtype: str = StoreDtypeOpt,
     centre: str = CentreOpt,
+    cpu_scan: str = CpuScanOpt,
     device: str = DeviceOpt,
     seed: int = typer.Option(42, "--seed", help="Seed of the document order."),
     split: str = typer.Option("train", "--split", help="Dataset split (Hugging Face datasets)."),
@@ -119,8 +123,8 @@ def cache(
 
     cfg = CacheConfig(
         models=model, dataset=dataset, tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len,
-        layers=layers, batch_size=batch_size, dtype=dtype, store_dtype=store_dtype, centre=centre, device=device,
-        seed=seed, split=split,
+        layers=layers, batch_size=batch_size, dtype=dtype, store_dtype=store_dtype, centre=centre, cpu_scan=cpu_scan,
+        device=device, seed=seed, split=split,
         dataset_revision=dataset_revision, text_field=text_field, chunk_tokens=parse_count(chunk_tokens, "--chunk-tokens"),
         cache_dir=cache_dir, force=force, hook=hook,
     )
@@ -154,6 +158,7 @@ def fit_sae(
     ctx_len: int = typer.Option(1024, "--ctx-len", help="With --model: tokens per context."),
     dtype: str = DtypeOpt,
     centre: str = CentreOpt,
+    cpu_scan: str = CpuScanOpt,
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     force: bool = typer.Option(False, "--force", help="Retrain even when a finished SAE exists."),
@@ -172,7 +177,7 @@ def fit_sae(
     cache_cfg = None
     if model is not None:
         cache_cfg = CacheConfig(models=[model], dataset=dataset, tokens=parse_count(tokens, "--tokens"),
-                                ctx_len=ctx_len, dtype=dtype, centre=centre, device=device,
+                                ctx_len=ctx_len, dtype=dtype, centre=centre, cpu_scan=cpu_scan, device=device,
                                 cache_dir=cache_dir)
     results = run_fit(cfg, layers, cache_dir, cache_cfg=cache_cfg, acts=acts)
     rows = [r._asdict() for r in results]
@@ -221,6 +226,7 @@ def match(
     dtype: str = DtypeOpt,
     store_dtype: str = StoreDtypeOpt,
     centre: str = CentreOpt,
+    cpu_scan: str = CpuScanOpt,
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     fmt: Format = FormatOpt,
@@ -236,7 +242,7 @@ def match(
         layers_a=layers_a, layers_b=layers_b, baselines=baseline, skylines=skyline, neurons=neurons,
         neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
         data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype,
-                         store_dtype=store_dtype, centre=centre, device=device),
+                         store_dtype=store_dtype, centre=centre, cpu_scan=cpu_scan, device=device),
         fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, seed, device),
         match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, feature_scale=feature_scale, device=device),
         cache_dir=cache_dir)
@@ -378,6 +384,7 @@ def all_(
     dtype: str = typer.Option(None, "--dtype", help="Override: forward dtype of caching (paper: fp32; else auto)."),
     store_dtype: str = typer.Option(None, "--store-dtype", help="Override: storage dtype of the activations (paper: bf16; else auto)."),
     centre: str = CentreOpt,
+    cpu_scan: str = CpuScanOpt,
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
@@ -394,7 +401,8 @@ def all_(
                      n_seqs=n_seqs, state_seqs=state_seqs, offbyone_seqs=offbyone_seqs, offbyone_len=offbyone_len,
                      neurons=neurons, dtype=dtype, store_dtype=store_dtype)
     result = run_all(StudyConfig(model_a=model_a, model_b=model_b, model_c=model_c, preset=preset, overrides=overrides,
-                                 dataset=dataset, feature_scale=feature_scale, centre=centre, device=device,
+                                 dataset=dataset, feature_scale=feature_scale, centre=centre, cpu_scan=cpu_scan,
+                                 device=device,
                                  cache_dir=cache_dir, out=out))
     tables = {"summary": result.summary}
     if fmt is Format.json:

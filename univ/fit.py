@@ -24,10 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import models, stream, trainer
-from .cache import CacheConfig, build_token_store, data_config, format_layers, model_key
+from . import files, models, scan_compiled, stream, trainer
+from .cache import CacheConfig, build_token_store, computed, data_config, format_layers, model_key
 from .errors import UnivError
-from . import files
 from .options import parse_layers
 from .sae import SAE, SAEConfig
 from .sae_metrics import evaluate, loss_recovered, spliced
@@ -299,8 +298,7 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
     """Train (or find) one SAE per layer from activations computed on the fly. ``data`` gives the
     corpus, the MPPC window (``tokens``) and the forward dtype; see stream.py for the split."""
     device = models.resolve_device(cfg.device)
-    dtype = models.resolve_dtype(data.dtype, device)
-    centred = models.centred(src, data.centre)
+    how = computed(dataclasses.replace(data, hook="resid_post", store_dtype="auto"), src, device)
     plan = _plan(cfg, src.d_model, cfg.train_tokens or STREAM_TOKENS, device)
     if cfg.eval_tokens < 1:
         raise UnivError(f"--eval-tokens must be positive, not {cfg.eval_tokens}")
@@ -311,33 +309,33 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
     held_key, held_out = build_token_store(dataclasses.replace(data, tokens=cfg.eval_tokens), tokenizer, progress,
                                            first_doc=_docs_end(window_store))
     source = stream.source(data_config(data), _docs_end(held_out), tokenizer, cfg.batch_contexts)
-    mkey = model_key(src, dtype, centred=centred)
+    mkey = model_key(src, how.dtype, how)
     identity = {"model": mkey, "window_tokens": window_key, "held_out_tokens": held_key,
                 "first_doc": source.first_doc, "batch_contexts": cfg.batch_contexts}
     sae_cfgs, recipes, out_dirs = {}, {}, {}
     for layer in layers:
         sc = _sae_config(cfg, plan, src.d_model, {"stream": identity, "config": {
-            "layer": layer, "hook": resid_hook(layer), "model_name": src.name, "centred": centred}})
+            "layer": layer, "hook": resid_hook(layer), "model_name": src.name, "centred": how.centred}})
         sae_cfgs[layer], recipes[layer] = sc, _recipe(cfg, plan, sc, stream=identity)
         out_dirs[layer] = sae_root(cache_dir, mkey, resid_hook(layer)) / f"{cfg.arch}-{config_key(recipes[layer])}"
     todo = _todo(cfg, out_dirs)
     unmeasured = [layer for layer in layers if layer in todo or not _measured(out_dirs[layer])]
     if unmeasured:
-        lm = models.load_source(src, device, dtype)
+        lm = models.load_source(src, device, how.dtype)
         groups = layer_groups(unmeasured, src.d_model, plan, cfg, lm.dtype.itemsize, device)
-        with Lock(cache_dir / "saes" / mkey):
+        with Lock(cache_dir / "saes" / mkey), scan_compiled.mode("compiled" if how.compiled_scan else "eager"):
             for i, group in enumerate(groups):
                 train_now = [layer for layer in group if layer in todo]
                 if train_now:
                     _train(cfg, plan, {layer: sae_cfgs[layer] for layer in train_now}, out_dirs, recipes,
-                           _stream_windows(lm, source, train_now, plan.window, centred, device), device,
+                           _stream_windows(lm, source, train_now, plan.window, how.centred, device), device,
                            f"fit-sae {src.short_name} group {i + 1}/{len(groups)} (layers {format_layers(train_now)})",
                            progress)
-                rows = stream.store_rows(lm, held_out, group, cfg.batch_contexts, centred)
+                rows = stream.store_rows(lm, held_out, group, cfg.batch_contexts, how.centred)
                 for layer in group:
                     sae = SAE.load(out_dirs[layer], device)
                     metrics = evaluate(sae, rows[layer])
-                    metrics["loss_recovered"] = loss_recovered(lm, layer, spliced(sae, centred), held_out, held_out.rows,
+                    metrics["loss_recovered"] = loss_recovered(lm, layer, spliced(sae, how.centred), held_out, held_out.rows,
                                                                cfg.loss_recovered_contexts)
                     files.write_json(out_dirs[layer] / "metrics.json", metrics)
                 del rows

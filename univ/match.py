@@ -19,10 +19,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
-from . import models
+from . import files, models
 from .correlate import Encoded, encode_window, pair_max
 from .errors import UnivError
-from . import files
 from .store import Store, config_key, slug
 
 THRESHOLDS = (0.5, 0.7, 0.9)

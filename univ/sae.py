@@ -28,9 +28,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import __version__
+from . import __version__, files
 from .errors import UnivError
-from . import files
 
 ARCHS = ("relu", "topk")
 NORMALISATIONS = ("token", "dataset", "none")

@@ -213,8 +213,8 @@ def causal_conv_silu_triton(x, weight, bias):
 
 def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, state_positions=None):
     """Dispatch to the Triton kernels on CUDA; on the CPU, large scans without states to
-    scan_compiled (eager, then compiled once a process has spent a while on them), else the
-    PyTorch version. The same results from each."""
+    scan_compiled (eager or compiled, as the run's configuration chose), else the PyTorch
+    version. The same results from each, to float32 rounding."""
     if use_triton(x):
         return selective_scan_triton(x, dt, A, B, C, D, dt_bias, z, state_positions)
     if state_positions is None and scan_compiled.large(x, A):

@@ -5,32 +5,44 @@ d_state] buffer (the decay, its exp, the input, the recurrence, y's product and 
 bound by memory. Compiled, a block is one loop over channels that keeps the states in
 registers, about twice as fast.
 
-Compiling costs ~30 s the first time on a machine and ~8 s from Inductor's disk cache: more
-than a small job takes whole. So a process scans eagerly until its large scans (at least
-MIN_UPDATES state updates each) have taken COMPILE_AFTER_S seconds, then compiles. A job that
-ends just after that pays the compile for little (at most ~25% more with 2 minutes); a long
-one runs at the compiled speed. A failure to compile (no C++ compiler, say) turns it off for
-the process; the eager scan gives the same numbers.
+Compiling costs ~30 s the first time on a machine and ~8 s from Inductor's disk cache, and the
+compiled scan's float32 results differ from the eager one's in the last bits (up to ~3e-5). So
+the path is a choice of the run's configuration (``--cpu-scan eager|compiled``, recorded with what
+it computes), never of elapsed time: a store resumed after a kill, or computed on a busier
+machine, holds the same bytes. 'eager' is the default; a run that asks for 'compiled' where
+torch.compile cannot work stops with one line rather than change paths midway.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .errors import UnivError
 
 BLOCK = 16
 """Positions per compiled call, unrolled in the compiled graph."""
 MIN_UPDATES = 1 << 22
 """batch · positions · channels · d_state below which a scan is always eager."""
-COMPILE_AFTER_S = 120.0
-"""Seconds of large eager scans after which the process compiles (0: at the first one)."""
+MODES = ("eager", "compiled")
 
+_mode = "eager"
 _compiled = None
-_failed = False
-_eager_s = 0.0
+
+
+@contextmanager
+def mode(name: str):
+    """Large CPU scans without states run ``name`` ('eager' or 'compiled') within the block."""
+    global _mode
+    if name not in MODES:
+        raise UnivError(f"unknown --cpu-scan {name!r} (use {' or '.join(MODES)})")
+    saved, _mode = _mode, name
+    try:
+        yield
+    finally:
+        _mode = saved
 
 
 def _block(h, delta, dx, B, C, A):
@@ -60,23 +72,19 @@ def large(x: torch.Tensor, A: torch.Tensor) -> bool:
 
 
 def selective_scan_cpu(x, dt, A, B, C, D, dt_bias, z=None) -> torch.Tensor:
-    """y of scan.selective_scan_torch (no states): eager until this process's large scans have
-    taken COMPILE_AFTER_S seconds, compiled from then on."""
-    global _compiled, _failed, _eager_s
-    if _eager_s >= COMPILE_AFTER_S and not _failed:
+    """y of scan.selective_scan_torch (no states), by the path the run chose (see ``mode``)."""
+    global _compiled
+    if _mode == "compiled":
         if _compiled is None:
             _compiled = tuple(torch.compile(f, dynamic=True) for f in (_prologue, _block, _epilogue))
         try:
             return _scan(*_compiled, x, dt, A, B, C, D, dt_bias, z)
         except Exception as e:  # Inductor raises many types for a missing or failing C++ compiler
-            _failed = True
-            warnings.warn(f"compiled CPU scan unavailable, using the eager one ({type(e).__name__})", stacklevel=2)
+            raise UnivError(f"--cpu-scan compiled: torch.compile fails on this machine ({type(e).__name__}); "
+                            "use --cpu-scan eager (a different cache key)") from None
     from .scan import selective_scan_torch
 
-    start = time.perf_counter()
-    y, _ = selective_scan_torch(x, dt, A, B, C, D, dt_bias, z)
-    _eager_s += time.perf_counter() - start
-    return y
+    return selective_scan_torch(x, dt, A, B, C, D, dt_bias, z)[0]
 
 
 def _scan(prologue, block, epilogue, x, dt, A, B, C, D, dt_bias, z):

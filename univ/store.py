@@ -21,9 +21,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import __version__
+from . import __version__, files
 from .errors import UnivError
-from . import files
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

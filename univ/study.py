@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from . import __version__, models
+from . import __version__, files, models
 from .cache import CacheConfig, run_cache
 from .errors import UnivError
-from . import files
 from .fit import FitConfig, run_fit
 from .circuit import CircuitConfig
 from .induction import induction_path, run_induction
@@ -63,6 +62,8 @@ class StudyConfig:
     """What MPPC correlates (see MatchConfig.feature_scale)."""
     centre: str = "layernorm"
     """Which residual streams are stored centred (see CacheConfig.centre)."""
+    cpu_scan: str = "eager"
+    """Mamba's scan on the CPU (see CacheConfig.cpu_scan)."""
     device: str = "auto"
     cache_dir: Path = Path("univ-cache")
     out: Path | None = None
@@ -100,11 +101,12 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     s = cfg.settings()
     a, b = cfg.model_a, cfg.model_b
     data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=s["dtype"],
-                       store_dtype=s["store_dtype"], centre=cfg.centre, device=cfg.device, cache_dir=cfg.cache_dir)
+                       store_dtype=s["store_dtype"], centre=cfg.centre, cpu_scan=cfg.cpu_scan,
+                       device=cfg.device, cache_dir=cfg.cache_dir)
     fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
                     train_tokens=s["sae_train_tokens"], eval_tokens=s["sae_eval_tokens"], device=cfg.device)
     corpus = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--dtype", s["dtype"],
-              "--centre", cfg.centre, "--device", cfg.device, "--cache-dir", cfg.cache_dir]
+              "--centre", cfg.centre, "--cpu-scan", cfg.cpu_scan, "--device", cfg.device, "--cache-dir", cfg.cache_dir]
     common = [*corpus, "--store-dtype", s["store_dtype"]]
     sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
     sae_budget = [s["sae_train_tokens"], s["sae_batch_size"], s["sae_eval_tokens"]]
@@ -147,11 +149,11 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         paths["induction"].append(str(induction_path(cfg.cache_dir, lm, circuit)))
         paths["offbyone"].append(str(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit)))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
-           "feature_scale": cfg.feature_scale, "centre": cfg.centre,
+           "feature_scale": cfg.feature_scale, "centre": cfg.centre, "cpu_scan": cfg.cpu_scan,
            "dataset": cfg.dataset, "device": cfg.device, "univ_version": __version__,
            "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths}
     key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
-                                          "feature_scale", "centre")})
+                                          "feature_scale", "centre", "cpu_scan")})
     run_file = cfg.cache_dir / RUNS / key / "run.json"
     files.write_json(run_file, run)
     with _stage("report", _cmd("report", "--cache-dir", cfg.cache_dir, "--run", run_file)):
