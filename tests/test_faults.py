@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,90 @@ def test_links_planted_in_the_cache_are_never_written_through(assets, tmp_path, 
     os.symlink(outside, store.parent / ".lock")
     assert_one_line_error(*run(capsys, *args, "--force"), "a link there is refused")
     assert outside.read_text() == "not univ's to write"
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _sae_on_a_store(tmp_path, name, seed, config):
+    from univ.sae import SAEConfig
+    from univ.store import Store
+
+    store_dir = tmp_path / "acts" / "resid_post.0"
+    if not (store_dir / "manifest.json").exists():
+        g = torch.Generator().manual_seed(0)
+        store = Store.open_or_create(store_dir, "acts", config)
+        store.write_chunk(0, {"acts": torch.randn(2000, 16, generator=g) * 3}, rows=2000)
+        store.set_complete(True)
+    sae = SAE(SAEConfig(arch="relu", d_in=16, d_sae=32, l1=1.0, seed=seed,
+                        store={"path": str(store_dir), "config": config}))
+    g = torch.Generator().manual_seed(seed)
+    sae.initialise(torch.randn(500, 16, generator=g), g)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5, generator=g)
+    sae.save(tmp_path / name / "0")
+    return tmp_path / name
+
+
+def test_match_keys_saes_by_content_and_refuses_another_models_saes(tmp_path):
+    from univ.errors import UnivError
+    from univ.match import MatchConfig, compare
+    from univ.match_stage import path_side
+
+    config = {"model": {"ref": "m"}, "hook": "resid_post.0", "layer": 0, "tokens_store": "t"}
+    one = _sae_on_a_store(tmp_path, "saes-one", 1, config)
+    two = _sae_on_a_store(tmp_path, "saes-two", 2, config)
+    cfg = MatchConfig(device="cpu")
+    raw = path_side("raw", tmp_path / "acts", None, "all", cfg)
+    first = compare("main", path_side("a", tmp_path / "acts", one, "all", cfg), raw, cfg, tmp_path / "out", progress=False)
+    second = compare("main", path_side("a", tmp_path / "acts", two, "all", cfg), raw, cfg, tmp_path / "out", progress=False)
+    assert first.path != second.path and not torch.equal(first.a_value, second.a_value)
+    other = _sae_on_a_store(tmp_path / "elsewhere", "saes", 3, {**config, "model": {"ref": "another-model"}})
+    with pytest.raises(UnivError, match="was trained on another-model resid_post.0, but .* holds m resid_post.0"):
+        path_side("a", tmp_path / "acts", other, "all", cfg)
+    # A flipped byte in a cached result is noticed and the result computed again.
+    _flip_a_byte(Path(first.path) / "mppc.safetensors")
+    again = compare("main", path_side("a", tmp_path / "acts", one, "all", cfg), raw, cfg, tmp_path / "out", progress=False)
+    assert torch.equal(again.a_value, first.a_value)
+
+
+def test_a_damaged_sae_is_refused_on_load_and_trained_again(assets, tmp_path, caplog):
+    from univ.errors import UnivError
+
+    results = _stream_fit(assets, tmp_path / "c")
+    weights = Path(results[0].path) / "sae.safetensors"
+    _flip_a_byte(weights)
+    with pytest.raises(UnivError, match="is corrupt"):
+        SAE.load(results[0].path)
+    caplog.set_level("WARNING", logger="univ")
+    again = _stream_fit(assets, tmp_path / "c")
+    assert any("is damaged" in r.message for r in caplog.records)
+    assert again == results and SAE.intact(results[0].path)
+
+
+def test_edited_manifests_are_not_believed(assets, tmp_path, caplog):
+    """A chunk's rows must be what its manifest says and, for activations, its token chunk's kept
+    tokens; a token store marked complete must hold its tokens."""
+    from univ.cache import run_cache
+    from univ.store import Store
+
+    cfg = CacheConfig(models=[str(assets["mamba"])], dataset=str(assets["corpus"]), tokens=1500, ctx_len=24,
+                      chunk_tokens=96, layers="0", cache_dir=tmp_path / "c")
+    first = run_cache(cfg, progress=False)
+    acts = Store.read(Path(first.models[0].store) / "resid_post.0")
+    expected = acts.read_chunk(1)["acts"]
+    acts.manifest["chunks"][1]["rows"] += 1  # a hand-edited row count
+    acts.save_manifest()
+    tokens = Store.read(first.tokens_store)
+    tokens.manifest["chunks"].pop()  # the last entry lost, the store still marked complete
+    tokens.save_manifest()
+    caplog.set_level("WARNING", logger="univ")
+    again = run_cache(cfg, progress=False)
+    messages = " ".join(r.message for r in caplog.records)
+    assert "holds" in messages and "rows, its manifest says" in messages
+    assert "is marked complete but does not hold its 1500 tokens" in messages
+    assert Store.read(again.tokens_store).rows == 1500
+    torch.testing.assert_close(Store.read(Path(again.models[0].store) / "resid_post.0").read_chunk(1)["acts"], expected)

@@ -189,8 +189,13 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
                       drop: list[int], per_chunk: int, progress: bool, first_doc: int) -> None:
     """Tokenize into the store, resuming after its longest intact prefix of chunks."""
     good = set(store.verify())
-    if store.complete:
+    whole = sorted(good) == list(range(len(good))) and (store.rows == cfg.tokens or store.manifest.get("exhausted"))
+    if store.complete and whole:
         return
+    if store.complete:  # an edited or truncated manifest: resume rather than trust it
+        log.warning("%s is marked complete but does not hold its %d tokens; it will be completed", store.path,
+                    cfg.tokens)
+        store.set_complete(False)
     store.clean_temporaries()
     # Resume after the longest intact prefix: chunk i+1 starts where chunk i's documents end.
     start = 0
@@ -241,12 +246,17 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     if kept < cfg.tokens:
         log.warning("dataset %s has only %d tokens (asked for %d); the store holds them all",
                     cfg.dataset, kept, cfg.tokens)
-    store.set_complete(True)
+    store.set_complete(True, **({"exhausted": True} if kept < cfg.tokens else {}))
+
+
+def model_identity(src: models.ModelSource) -> dict:
+    """The model in an activation store's (or a streamed SAE's) config."""
+    return {"ref": "local" if src.is_local else src.ref, "revision": src.revision, "layout": src.layout,
+            "family": src.family}
 
 
 def _act_config(src: models.ModelSource, how: Computed, tokens_key: str, layer: int, hook: str) -> dict:
-    return {"model": {"ref": "local" if src.is_local else src.ref, "revision": src.revision,
-                      "layout": src.layout, "family": src.family},
+    return {"model": model_identity(src),
             "dtype": _name(how.dtype), **how.extras(), "tokens_store": tokens_key, "hook": resid_hook(layer, hook),
             "layer": layer, "d_model": src.d_model}
 
@@ -268,7 +278,9 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
             s.manifest["model_name"] = src.name
             s.clean_temporaries()
             stores[layer] = s
-        intact = {layer: set(s.verify()) for layer, s in stores.items()}
+        # A chunk is intact when its bytes match and it holds one row per kept token of its token chunk.
+        intact = {layer: {i for i in s.verify() if i in tstore.chunks and s.chunks[i]["rows"] == tstore.chunks[i]["rows"]}
+                  for layer, s in stores.items()}
         todo = {i: [layer for layer in layers if i not in intact[layer]] for i in sorted(tstore.chunks)}
         todo = {i: missing for i, missing in todo.items() if missing}
         if todo:

@@ -15,6 +15,7 @@ stream per group (all layers in one pass when they fit; see ``layer_groups``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import files, models, scan_compiled, stream, trainer
-from .cache import CacheConfig, build_token_store, computed, data_config, format_layers, model_key
+from .cache import CacheConfig, build_token_store, computed, data_config, format_layers, model_identity, model_key
 from .errors import UnivError
 from .options import parse_layers
 from .sae import SAE, SAEConfig
@@ -33,6 +34,7 @@ from .sae_metrics import evaluate, loss_recovered, spliced
 from .sae_train import TrainConfig, default_lr, train_config
 from .store import Lock, Store, config_key, ensure_writable, resid_hook, slug
 
+log = logging.getLogger("univ")
 STREAM_TOKENS = 100_000_000
 """Streamed training tokens per SAE when none are given: the smallest budget of lm_saes' example
 configs of the time (100M-1.6B; its default was 300M)."""
@@ -141,7 +143,7 @@ def _sae_config(cfg: FitConfig, plan: _Plan, d: int, source: dict) -> SAEConfig:
 
 def _recipe(cfg: FitConfig, plan: _Plan, sc: SAEConfig, **source) -> dict:
     """Everything that fixes an SAE's weights: its key, and recipe.json beside it."""
-    return {"sae": {k: v for k, v in asdict(sc).items() if k not in ("univ_version", "store")},
+    return {"sae": {k: v for k, v in asdict(sc).items() if k not in ("univ_version", "store", "weights_sha256")},
             "train": {**asdict(plan.tc), "matmul_dtype": str(plan.tc.matmul_dtype)}, "train_tokens": plan.train_tokens,
             "batch_size": cfg.batch_size, "window": plan.window, "init_b_dec": cfg.init_b_dec, **source}
 
@@ -160,8 +162,16 @@ def _train(cfg: FitConfig, plan: _Plan, sae_cfgs: dict[int, SAEConfig], out_dirs
 
 
 def _todo(cfg: FitConfig, out_dirs: dict[int, Path]) -> list[int]:
-    """Layers whose SAE is not finished (SAE.save writes cfg.json after the weights)."""
-    return [layer for layer, out in out_dirs.items() if cfg.force or files.read_json(out / "cfg.json") is None]
+    """Layers whose SAE is not finished (SAE.save writes cfg.json after the weights) or whose
+    weights no longer match their recorded sha256 (then said, and trained again)."""
+    todo = []
+    for layer, out in out_dirs.items():
+        finished = files.read_json(out / "cfg.json") is not None
+        if cfg.force or not finished or not SAE.intact(out):
+            if finished and not cfg.force:
+                log.warning("%s is damaged (its weights do not match cfg.json); it will be trained again", out)
+            todo.append(layer)
+    return todo
 
 
 def _measured(out: Path) -> bool:
@@ -315,7 +325,8 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
     sae_cfgs, recipes, out_dirs = {}, {}, {}
     for layer in layers:
         sc = _sae_config(cfg, plan, src.d_model, {"stream": identity, "config": {
-            "layer": layer, "hook": resid_hook(layer), "model_name": src.name, "centred": how.centred}})
+            "model": model_identity(src), "layer": layer, "hook": resid_hook(layer), "model_name": src.name,
+            **how.extras()}})
         sae_cfgs[layer], recipes[layer] = sc, _recipe(cfg, plan, sc, stream=identity)
         out_dirs[layer] = sae_root(cache_dir, mkey, resid_hook(layer)) / f"{cfg.arch}-{config_key(recipes[layer])}"
     todo = _todo(cfg, out_dirs)

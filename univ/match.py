@@ -9,13 +9,15 @@ they count as 0, which is what the authors' variance clamp gives them.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
@@ -24,6 +26,7 @@ from .correlate import Encoded, encode_window, pair_max
 from .errors import UnivError
 from .store import Store, config_key, slug
 
+log = logging.getLogger("univ")
 THRESHOLDS = (0.5, 0.7, 0.9)
 
 
@@ -211,9 +214,10 @@ _TENSORS = ("a_value", "a_layer", "a_index", "a_fires", "b_value", "b_layer", "b
 
 
 def _save(c: Comparison, out: Path, ident: dict) -> None:
-    files.write_bytes(out / "mppc.safetensors", st_save({k: getattr(c, k).contiguous() for k in _TENSORS}))
+    data = st_save({k: getattr(c, k).contiguous() for k in _TENSORS})
+    files.write_bytes(out / "mppc.safetensors", data)
     meta = {"name": c.name, "a": c.a, "b": c.b, "layers_a": c.layers_a, "layers_b": c.layers_b,
-            "tokens": c.tokens, "feature_scale": {side: ident[side].get("feature_scale") for side in ident},
+            "tokens": c.tokens, "mppc_sha256": hashlib.sha256(data).hexdigest(), "feature_scale": {side: ident[side].get("feature_scale") for side in ident},
             "inputs": ident,
             "summary": c.summary(False), "summary_dead_as_zero": c.summary(True)}
     files.write_json(out / "summary.json", meta)  # last: its presence marks a finished comparison
@@ -223,7 +227,11 @@ def load_comparison(out: Path) -> Comparison | None:
     """A saved comparison, or None when it is missing or cannot be read (then it is recomputed)."""
     meta = files.read_json(out / "summary.json")
     try:
-        t = load_file(out / "mppc.safetensors")
+        data = (out / "mppc.safetensors").read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["mppc_sha256"]:
+            log.warning("%s is corrupt (sha256 differs from summary.json); it will be computed again", out)
+            return None
+        t = st_load(data)
         return Comparison(meta["name"], meta["a"], meta["b"], meta["layers_a"], meta["layers_b"], meta["tokens"],
                           *(t[k] for k in _TENSORS[:-1]), t["depth"], str(out))
     except Exception:  # missing, truncated or not what this univ writes: compute it again

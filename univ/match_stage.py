@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from .fit import FitConfig, run_fit, select_layers, stores_at
 from .match import Comparison, MatchConfig, Side, compare
 from .options import parse_layers
 from .sae import FEATURE_SCALES, SAE
-from .store import Store, resid_hook
+from .store import Store, config_key, resid_hook
 
+log = logging.getLogger("univ")
 BASELINES = ("random-init",)
 SKYLINES = ("sae-seed", "model-seed")
 
@@ -88,8 +90,9 @@ def sae_side(req: MatchRequest, model: str, layers: str, seed: int | None = None
         sae = SAE.load(r.path, device)
         stores[r.layer] = Store.read(root / resid_hook(r.layer))
         encoders[r.layer] = functools.partial(sae.features, feature_scale=req.match.feature_scale)
-        ident[r.layer] = str(Path(r.path).resolve())
-    return Side(label or model, stores, encoders, {"saes": ident, "feature_scale": req.match.feature_scale})
+        ident[r.layer] = sae.cfg.weights_sha256
+    return Side(label or model, stores, encoders, {"saes": ident, "acts": {layer: _content(s) for layer, s in stores.items()},
+                                                   "feature_scale": req.match.feature_scale})
 
 
 def neuron_side(req: MatchRequest, model: str, layers: str) -> Side:
@@ -98,7 +101,7 @@ def neuron_side(req: MatchRequest, model: str, layers: str) -> Side:
     n_layers = models.resolve(model).n_layers
     stores = {layer: Store.read(root / resid_hook(layer, "neurons")) for layer in parse_layers(layers, n_layers)}
     return Side(f"{model} neurons", stores, {layer: None for layer in stores},
-                {"neurons": {layer: str(s.path.resolve()) for layer, s in stores.items()}})
+                {"neurons": {layer: _content(s) for layer, s in stores.items()}})
 
 
 def path_side(label: str, acts: Path, saes: Path | None, layers: str, cfg: MatchConfig) -> Side:
@@ -107,19 +110,45 @@ def path_side(label: str, acts: Path, saes: Path | None, layers: str, cfg: Match
     stores = {layer: all_stores[layer] for layer in chosen}
     if saes is None:
         return Side(label, stores, {layer: None for layer in chosen},
-                    {"acts": {layer: str(s.path.resolve()) for layer, s in stores.items()}})
+                    {"acts": {layer: _content(s) for layer, s in stores.items()}})
     found = {}
     for cfg_file in sorted(Path(saes).rglob("cfg.json")):
         sae = SAE.load(cfg_file.parent, models.resolve_device(cfg.device))
         layer = sae.cfg.store.get("config", {}).get("layer")
         if layer in stores:
-            found[layer] = (sae, cfg_file.parent)
+            _check_trained_on(sae, cfg_file.parent, stores[layer])
+            found[layer] = sae
     missing = [layer for layer in chosen if layer not in found]
     if missing:
         raise UnivError(f"{saes} holds no SAE trained on layer {missing[0]} of {acts}")
     return Side(label, stores,
-                {layer: functools.partial(found[layer][0].features, feature_scale=cfg.feature_scale) for layer in chosen},
-                {"saes": {layer: str(found[layer][1].resolve()) for layer in chosen}, "feature_scale": cfg.feature_scale})
+                {layer: functools.partial(found[layer].features, feature_scale=cfg.feature_scale) for layer in chosen},
+                {"saes": {layer: found[layer].cfg.weights_sha256 for layer in chosen},
+                 "acts": {layer: _content(s) for layer, s in stores.items()}, "feature_scale": cfg.feature_scale})
+
+
+def _content(store: Store) -> str:
+    """A store's identity by content (its chunks' sha256s), however its path is spelled."""
+    return config_key({"chunks": [c["sha256"] for c in store.manifest["chunks"]]})
+
+
+def _describe(config: dict) -> str:
+    model = config.get("model") or {}
+    return f"{model.get('ref', 'an unrecorded model')} {config.get('hook', 'an unrecorded hook')}"
+
+
+def _check_trained_on(sae: SAE, where: Path, store: Store) -> None:
+    """Refuse SAEs trained on another model's (or hook's, or centring's) activations; SAEs of the
+    same model and hook trained on another store (or streamed) are used, and that is said."""
+    trained, given = sae.cfg.store.get("config", {}), store.config
+    if trained == given:
+        return
+    if trained.get("model") and all(trained.get(k) == given.get(k) for k in ("model", "hook", "centred")):
+        log.info("%s was trained on other activations of %s (%s); matching it on %s", where, _describe(trained),
+                 "streamed" if "stream" in sae.cfg.store else sae.cfg.store.get("path", "another store"), store.path)
+        return
+    raise UnivError(f"{where} was trained on {_describe(trained)}, but {store.path} holds {_describe(given)}; "
+                    "give SAEs trained on this model and hook")
 
 
 def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:

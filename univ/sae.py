@@ -17,6 +17,7 @@ what the authors' SAE library (lm_saes) returns from its encode, and what they c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -57,6 +58,8 @@ class SAEConfig:
     """Where the training activations came from: store path, tokens and model keys, hook."""
     seed: int = 0
     """Seed of the initialisation and the batch order."""
+    weights_sha256: str | None = None
+    """sha256 of sae.safetensors, written by save and checked by load."""
     univ_version: str = __version__
 
     def check(self) -> None:
@@ -156,20 +159,41 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        files.write_bytes(directory / "sae.safetensors", st_save(tensors))
+        data = st_save(tensors)
+        self.cfg.weights_sha256 = hashlib.sha256(data).hexdigest()
+        files.write_bytes(directory / "sae.safetensors", data)
         files.write_json(directory / "cfg.json", asdict(self.cfg))  # last: its presence marks a finished SAE
 
     @classmethod
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> SAE:
+        """The SAE in a folder; a clear error when it is missing, unreadable or its weights are
+        not the ones its cfg.json recorded."""
         directory = Path(directory)
         try:
             cfg = SAEConfig(**json.loads((directory / "cfg.json").read_text()))
-            tensors = load_file(directory / "sae.safetensors", device=str(device))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
+            data = (directory / "sae.safetensors").read_bytes()
+        except (OSError, ValueError, TypeError) as e:
             raise UnivError(f"cannot load an SAE from {directory}: {e}") from None
+        if cfg.weights_sha256 is not None and hashlib.sha256(data).hexdigest() != cfg.weights_sha256:
+            raise UnivError(f"{directory / 'sae.safetensors'} is corrupt (sha256 differs from cfg.json); "
+                            "train it again (fit-sae --force)")
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise UnivError(f"cannot read {directory / 'sae.safetensors'}: {e}".splitlines()[0]) from None
         sae = cls(cfg).to(device)
-        sae.load_state_dict(tensors)
+        sae.load_state_dict({k: v.to(device) for k, v in tensors.items()})
         return sae
+
+    @staticmethod
+    def intact(directory: Path) -> bool:
+        """A finished SAE whose weights match the sha256 its cfg.json recorded."""
+        cfg = files.read_json(Path(directory) / "cfg.json")
+        try:
+            data = (Path(directory) / "sae.safetensors").read_bytes()
+        except OSError:
+            return False
+        return isinstance(cfg, dict) and cfg.get("weights_sha256") == hashlib.sha256(data).hexdigest()
 
 
 @torch.no_grad()

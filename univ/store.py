@@ -164,8 +164,14 @@ class Store:
         return data
 
     def read_chunk(self, index: int) -> dict[str, torch.Tensor]:
-        """A chunk's tensors, only after its bytes match the manifest's sha256."""
-        return st_load(self._checked_bytes(index))
+        """A chunk's tensors, only after its bytes match the manifest's sha256 and its rows the
+        manifest's count."""
+        tensors = st_load(self._checked_bytes(index))
+        held = _rows_held(tensors)
+        if held is not None and held != self.chunks[index]["rows"]:
+            raise CorruptChunk(f"{self.path / chunk_name(index)} holds {held} rows, its manifest says "
+                               f"{self.chunks[index]['rows']}")
+        return tensors
 
     def _signature(self) -> tuple:
         """What a chunk's bytes could not change without changing: names, sizes, mtimes."""
@@ -189,7 +195,7 @@ class Store:
         good, bad = [], []
         for index in sorted(self.chunks):
             try:
-                self._checked_bytes(index)
+                self.read_chunk(index)
                 good.append(index)
             except CorruptChunk as e:
                 log.warning("%s; it will be recomputed", e)
@@ -203,6 +209,15 @@ class Store:
 
     def clean_temporaries(self) -> None:
         files.remove_temporaries(self.path)
+
+
+def _rows_held(tensors: dict[str, torch.Tensor]) -> int | None:
+    """Rows a chunk holds: activation rows, or a token chunk's kept tokens (None: unknown kind)."""
+    if "acts" in tensors:
+        return int(tensors["acts"].shape[0])
+    if "mask" in tensors:
+        return int(tensors["mask"].sum())
+    return None
 
 
 class Lock:
