@@ -169,7 +169,8 @@ def test_raw_feature_scale_correlates_what_lm_saes_returns(tmp_path):
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3000, 16, generator=g) * (0.2 + 5 * torch.rand(3000, 1, generator=g))  # norms vary a lot
-    sae = SAE(SAEConfig(arch="relu", d_in=16, d_sae=24, l1=1.0, store={"path": str(tmp_path / "a"), "config": {"layer": 0}}))
+    sae = SAE(SAEConfig(arch="relu", d_in=16, d_sae=24, l1=1.0,
+                        store={"path": str(tmp_path / "a"), "config": {"layer": 0, "tokens_store": "t"}}))
     sae.initialise(x, g)
     with torch.no_grad():
         sae.b_enc.fill_(0.05)
