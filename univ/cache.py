@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import models, scan_compiled
+from . import files, models, scan_compiled
 from .data import DataConfig, is_local, iter_contexts, iter_texts, resolved
 from .errors import UnivError
 from .options import parse_layers
@@ -153,10 +153,8 @@ def data_config(cfg: CacheConfig) -> DataConfig:
     return resolved(DataConfig(cfg.dataset, cfg.split, cfg.dataset_revision, cfg.text_field, cfg.ctx_len, cfg.seed))
 
 
-def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True, first_doc: int = 0) -> tuple[str, Store]:
-    """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store).
-    ``first_doc``: start after that many documents of the seeded order (the SAEs' held-out rows
-    follow the MPPC window's documents); chunks record ``docs_end`` counted from the corpus start."""
+def _token_store_config(cfg: CacheConfig, tokenizer, first_doc: int = 0) -> tuple[str, dict]:
+    """(key, config) of the token store a CacheConfig reads, before any tokenizing."""
     data = data_config(cfg)
     bos = models.bos_id(tokenizer)
     drop = models.special_ids(tokenizer)
@@ -172,7 +170,30 @@ def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True, first_
         "dropped_ids": drop,
         **({"first_doc": first_doc} if first_doc else {}),
     }
-    key = f"{slug(Path(cfg.dataset).stem if is_local(cfg.dataset) else cfg.dataset)}-{config_key(config)}"
+    return f"{slug(Path(cfg.dataset).stem if is_local(cfg.dataset) else cfg.dataset)}-{config_key(config)}", config
+
+
+def token_store_key(cfg: CacheConfig, tokenizer) -> str:
+    return _token_store_config(cfg, tokenizer)[0]
+
+
+def _cached(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, device: torch.device) -> bool:
+    """Every store of the model for the requested layers is complete (nothing to compute)."""
+    how = computed(cfg, src, device)
+    root = acts_dir(cfg.cache_dir, model_key(src, how.dtype, how), tokens_key, "")
+    manifests = [files.read_json(root / resid_hook(layer, cfg.hook) / "manifest.json")
+                 for layer in parse_layers(cfg.layers, src.n_layers)]
+    return all(isinstance(m, dict) and m.get("complete") for m in manifests)
+
+
+def build_token_store(cfg: CacheConfig, tokenizer, progress: bool = True, first_doc: int = 0) -> tuple[str, Store]:
+    """Tokenize the corpus into the shared token store (or find it complete). Returns (key, store).
+    ``first_doc``: start after that many documents of the seeded order (the SAEs' held-out rows
+    follow the MPPC window's documents); chunks record ``docs_end`` counted from the corpus start."""
+    key, config = _token_store_config(cfg, tokenizer, first_doc)
+    data = data_config(cfg)
+    bos, pad, drop = config["bos"], config["pad"], config["dropped_ids"]
+    per_chunk = config["contexts_per_chunk"]
     path = tokens_dir(cfg.cache_dir, key)
     with Lock(path):
         store = Store.open_or_create(path, "tokens", config)
@@ -356,6 +377,10 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
             raise UnivError(f"{sources[0].name} and {src.name} have different tokenizers, "
                             "so their activations cannot be paired token for token")
     ensure_writable(cfg.cache_dir)
+    key = token_store_key(cfg, tokenizers[0])
+    for src in sources:  # a model that cannot load fails now, not after the corpus is tokenized
+        if not _cached(cfg, src, key, device):
+            models.load_source(src, device, computed(cfg, src, device).dtype)  # loaded only to check, then dropped
     key, tstore = build_token_store(cfg, tokenizers[0], progress)
     summaries = [cache_model(cfg, src, key, tstore, progress) for src in sources]
     return CacheResult(tstore.path, key, summaries)

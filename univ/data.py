@@ -21,6 +21,7 @@ import numpy as np
 from .errors import UnivError
 
 log = logging.getLogger("univ")
+_WARNED: set[Path] = set()
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_SHUFFLE_BUFFER = 10_000
@@ -65,18 +66,31 @@ def _local_files(root: Path) -> list[Path]:
 def _read_local(path: Path, text_field: str) -> list[str]:
     """.txt: documents separated by blank lines; .jsonl: one object per line; .parquet: a column."""
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if path not in _WARNED:
+                _WARNED.add(path)
+                log.warning("%s is not valid UTF-8 (first at byte %d); undecodable bytes are replaced", path, e.start)
+            text = raw.decode("utf-8", errors="replace")
         return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
     if path.suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    docs.append(json.loads(line)[text_field])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UnivError(f"{path}:{n}: not a JSON object with a {text_field!r} field") from None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise UnivError(f"{path} is not UTF-8 text (byte {e.start}); JSON Lines must be UTF-8") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UnivError(f"{path}:{n}: not a JSON object with a {text_field!r} field") from None
+            if not isinstance(doc, str):
+                raise UnivError(f"{path}:{n}: {text_field!r} is a {type(doc).__name__}, not text")
+            docs.append(doc)
         return docs
     import pyarrow.parquet as pq
 
@@ -84,7 +98,10 @@ def _read_local(path: Path, text_field: str) -> list[str]:
         table = pq.read_table(path, columns=[text_field])
     except Exception as e:  # pyarrow raises several types for a bad file or column
         raise UnivError(f"{path}: cannot read column {text_field!r}: {e}".splitlines()[0]) from None
-    return [t for t in table.column(text_field).to_pylist() if t]
+    docs = [t for t in table.column(text_field).to_pylist() if t is not None]
+    if any(not isinstance(t, str) for t in docs):
+        raise UnivError(f"{path}: column {text_field!r} is not text ({table.schema.field(text_field).type})")
+    return [t for t in docs if t]
 
 
 def iter_texts(cfg: DataConfig) -> Iterator[str]:

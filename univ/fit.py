@@ -125,7 +125,15 @@ def _plan(cfg: FitConfig, d: int, train_tokens: int, device: torch.device) -> _P
         raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     if train_tokens < cfg.batch_size:
         raise UnivError(f"--train-tokens ({train_tokens}) must be at least one batch ({cfg.batch_size})")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UnivError(f"--lr must be a positive number, not {cfg.lr}")
+    if not 0 <= cfg.seed < 2**63:
+        raise UnivError(f"--seed must be between 0 and 2**63 - 1, not {cfg.seed}")
     d_sae = int(round(cfg.expansion * d))
+    weights = 16 * 2 * d * d_sae  # float32 weights, gradients and two Adam moments
+    if weights > (budget := memory_budget(cfg, device)):
+        raise UnivError(f"an SAE of {d_sae:,} latents needs {weights / 2**30:.1f} GiB for its weights and Adam state; "
+                        f"{budget / 2**30:.1f} GiB are available (lower --expansion)")
     normalisation = cfg.normalisation or ("token" if cfg.arch == "relu" else "dataset")
     tc = train_config(cfg.arch, cfg.lr or default_lr(cfg.arch, d_sae), train_tokens // cfg.batch_size,
                       torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -376,17 +384,21 @@ def bytes_per_layer(d: int, d_sae: int, window: int, act_bytes: int, batch: int)
     return per_layer, window * d * act_bytes + 8 * batch * d_sae * 4
 
 
+def memory_budget(cfg: FitConfig, device: torch.device) -> float:
+    """Bytes SAE training may use: cfg.memory_gb, else 90 % of the GPU's free memory or half the RAM."""
+    if cfg.memory_gb is not None:
+        return cfg.memory_gb * 2**30
+    if device.type == "cuda":
+        return 0.9 * torch.cuda.mem_get_info(device)[0]
+    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def layer_groups(layers: list[int], d: int, plan: _Plan, cfg: FitConfig, act_bytes: int,
                  device: torch.device) -> list[list[int]]:
-    """Consecutive groups of layers that fit the memory budget (cfg.memory_gb, else 90 % of the
-    GPU's free memory or half the machine's RAM), at most cfg.group_layers each."""
+    """Consecutive groups of layers that fit the memory budget (memory_budget), at most
+    cfg.group_layers each."""
     per_layer, once = bytes_per_layer(d, plan.d_sae, plan.window, act_bytes, cfg.batch_size)
-    if cfg.memory_gb is not None:
-        budget = cfg.memory_gb * 2**30
-    elif device.type == "cuda":
-        budget = 0.9 * torch.cuda.mem_get_info(device)[0]
-    else:
-        budget = 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = memory_budget(cfg, device)
     size = int((budget - once) // per_layer)
     if size < 1:
         raise UnivError(f"one layer's SAE training needs about {(per_layer + once) / 2**30:.1f} GiB and "

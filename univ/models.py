@@ -160,7 +160,13 @@ def resolve(name: str, revision: str | None = None) -> ModelSource:
     except (OSError, json.JSONDecodeError) as e:
         raise UnivError(f"cannot read {config_path}: {e}") from None
     layout, family = _layout_and_family(config, name)
-    return ModelSource(name, ref, path, rev, layout, family, config)
+    src = ModelSource(name, ref, path, rev, layout, family, config)
+    try:
+        src.n_layers, src.d_model  # noqa: B018 - read now: a config without them fails here, in one line
+    except (TypeError, ValueError, KeyError):
+        raise UnivError(f"{config_path}: no number of layers (num_hidden_layers / n_layer) or width "
+                        "(hidden_size / d_model)") from None
+    return src
 
 
 def load_tokenizer(src: ModelSource):
@@ -213,10 +219,17 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UnivError(f"--device {device}: no CUDA device is available on this machine")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UnivError("--device mps: no Apple GPU (MPS) is available on this machine")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
-        raise UnivError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UnivError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UnivError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -430,8 +443,8 @@ def _load_mamba_ssm(src: ModelSource, dtype: torch.dtype) -> nn.Module:
         weights = _hub_file(src.ref, "pytorch_model.bin", src.revision, "model")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise UnivError(f"cannot read {weights}: {e}") from None
+    except Exception as e:  # torch raises several types for a damaged (or unsafe) file
+        raise UnivError(f"cannot read {weights}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}
     model = MambaForCausalLM(mamba_ssm_to_hf_config(src.config))
     state.setdefault("lm_head.weight", state["backbone.embeddings.weight"])
@@ -480,7 +493,7 @@ def load_source(src: ModelSource, device: torch.device, dtype: torch.dtype) -> L
             model = AutoModelForCausalLM.from_pretrained(
                 src.ref, revision=src.hub_revision, dtype=dtype
             )
-        except _hub_errors() as e:
+        except Exception as e:  # hub errors, damaged or unsafe weight files, configs transformers rejects
             raise UnivError(f"cannot load model {src.name!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
     model.to(device).eval().requires_grad_(False)
     return ADAPTERS[src.family](src, model, load_tokenizer(src))

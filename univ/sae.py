@@ -176,7 +176,7 @@ class SAE(nn.Module):
             raise UnivError(f"cannot load an SAE from {directory}: {e}") from None
         if cfg.weights_sha256 is not None and hashlib.sha256(data).hexdigest() != cfg.weights_sha256:
             raise UnivError(f"{directory / 'sae.safetensors'} is corrupt (sha256 differs from cfg.json); "
-                            "train it again (fit-sae --force)")
+                            "fit-sae trains it again")
         try:
             tensors = st_load(data)
         except Exception as e:  # safetensors raises its own error type for a damaged file

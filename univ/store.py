@@ -80,7 +80,7 @@ class Store:
             version = manifest["format_version"]
             manifest["chunks"], manifest["config"]  # noqa: B018 - presence check
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise UnivError(f"{mpath} is corrupt; delete {path} or rerun with --force") from None
+            raise UnivError(f"{mpath} is corrupt; delete {path} and the next run rebuilds it") from None
         if version > FORMAT_VERSION:
             raise UnivError(
                 f"{path} was written with cache format {version} by univ {manifest.get('univ_version')}; "
@@ -94,7 +94,8 @@ class Store:
         if (path / MANIFEST).exists() and not force:
             store = cls.read(path)
             if store.config != config:
-                raise UnivError(f"{path} holds a store with another config; rerun with --force to replace it")
+                fix = "rerun with --force to replace it" if kind == "acts" else "delete it and the next run rebuilds it"
+                raise UnivError(f"{path} holds a store with another config; {fix}")
             return store
         path.mkdir(parents=True, exist_ok=True)
         store = cls(path, {
