@@ -72,6 +72,47 @@ def test_a_kill_at_any_write_resumes_to_the_same_saes(assets, tmp_path, monkeypa
                 assert torch.equal(_weights(resumed)[layer][name], tensor), (n, layer, name)
 
 
+def test_a_cache_killed_at_any_write_resumes_to_the_same_bytes(assets, tmp_path, monkeypatch):
+    """univ cache of both families, killed at each of its writes in turn, then run again: every
+    file of the cache holds the bytes an uninterrupted run wrote (manifests but their timings)."""
+    from univ.cache import run_cache
+
+    def cfg(cache):
+        return CacheConfig(models=[str(assets["neox"]), str(assets["mamba"])], dataset=str(assets["corpus"]),
+                           tokens=600, ctx_len=24, chunk_tokens=96, layers="0,1", cache_dir=cache)
+
+    def contents(cache):
+        out = {}
+        for p in sorted(cache.rglob("*")):
+            if p.is_file() and p.name != ".lock":
+                data = json.loads(p.read_text()) if p.suffix == ".json" else p.read_bytes()
+                if isinstance(data, dict):
+                    data.pop("seconds", None)
+                out[str(p.relative_to(cache))] = data
+        return out
+
+    run_cache(cfg(tmp_path / "clean"), progress=False)
+    clean = contents(tmp_path / "clean")
+    real, n_writes = files.write_bytes, []
+    monkeypatch.setattr(files, "write_bytes", lambda p, d: n_writes.append(p) or real(p, d))
+    run_cache(cfg(tmp_path / "counted"), progress=False)
+    for n in range(len(n_writes)):
+        calls = []
+
+        def dies(path, data, n=n):
+            calls.append(path)
+            if len(calls) == n + 1:
+                raise Killed
+            real(path, data)
+
+        monkeypatch.setattr(files, "write_bytes", dies)
+        with pytest.raises(Killed):
+            run_cache(cfg(tmp_path / f"killed-{n}"), progress=False)
+        monkeypatch.setattr(files, "write_bytes", real)
+        run_cache(cfg(tmp_path / f"killed-{n}"), progress=False)
+        assert contents(tmp_path / f"killed-{n}") == clean, n
+
+
 def _files_outside(tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("not univ's to write")
