@@ -13,7 +13,6 @@ time spent in the forward.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from preset_time import random_corpus  # noqa: E402
 from univ import fit, models, stream, trainer  # noqa: E402
 from univ.data import DataConfig  # noqa: E402
 from univ.store import Store  # noqa: E402
@@ -45,22 +45,6 @@ def _models(narrow: bool):
     from bench_mamba import mamba_130m, pythia_160m
 
     return {"pythia-160m": pythia_160m, "mamba-130m": mamba_130m}
-
-
-def _tokenizer_and_corpus(root: Path):
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(3000)]
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(200, 900))) for _ in range(6000)]
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>", "<|padding|>"]))
-    (root / "corpus.txt").write_text("\n\n".join(docs))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|padding|>")
 
 
 def bench(name: str, build, tokenizer, root: Path, size: dict, device: torch.device) -> None:
@@ -130,7 +114,7 @@ def main():
     print(f"bench_stream --size {args.size} on {device}: {size}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tokenizer = _tokenizer_and_corpus(root)
+        tokenizer = random_corpus(root, n_docs=6000, words=(200, 900))
         for name, build in _models(size["narrow"]).items():
             bench(name, build, tokenizer, root, size, device)
 
