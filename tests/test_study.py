@@ -72,3 +72,10 @@ def test_unknown_preset(assets, tmp_path, capsys):
     args = all_args(assets, tmp_path)
     args[args.index("smoke")] = "huge"
     assert_one_line_error(*run(capsys, *args), "unknown preset")
+
+
+def test_model_c_adds_the_model_seed_skyline_under_every_preset():
+    for preset in study.PRESETS:
+        with_c = study.StudyConfig(model_a="a", model_b="b", model_c="c", preset=preset).settings()
+        without = study.StudyConfig(model_a="a", model_b="b", preset=preset).settings()
+        assert "model-seed" in with_c["skylines"] and "model-seed" not in without["skylines"]

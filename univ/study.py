@@ -73,8 +73,9 @@ class StudyConfig:
         if self.preset not in PRESETS:
             raise UnivError(f"unknown preset {self.preset!r} (use {', '.join(PRESETS)})")
         s = {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}}
-        if not self.model_c:
-            s["skylines"] = [x for x in s["skylines"] if x != "model-seed"]
+        # --model-c exists for the model-seed skyline: given, it is run under every preset.
+        others = [x for x in s["skylines"] if x != "model-seed"]
+        s["skylines"] = others + ["model-seed"] if self.model_c else others
         return s
 
 
