@@ -100,3 +100,17 @@ def test_unreachable_hub_dataset_is_one_line_and_leaves_no_store(assets, tmp_pat
     a = cache_args(assets, tmp_path)
     assert_one_line_error(*run(capsys, *a[:4], "someone/no-such-dataset", *a[5:]), "cannot read dataset")
     assert not list((tmp_path / "cache").glob("tokens/*"))
+
+
+def test_a_run_logged_to_a_file_reports_its_progress(assets, tmp_path, capsys, monkeypatch):
+    """stderr that is not a terminal (a log file, nohup) gets progress lines with the rate and
+    the time left, where tqdm would stay silent."""
+    from univ import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    code, out, err = run(capsys, *cache_args(assets, tmp_path, "--format", "json"))
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "cache tiny-mamba:" in line]
+    assert all(line.startswith("univ: INFO: cache tiny-mamba: ") for line in lines)
+    assert "(100.0%)" in lines[-2] and " tok/s, " in lines[-2] and " left" in lines[-2]
+    assert lines[-1] == "univ: INFO: cache tiny-mamba: done, 400 tok in 0m00s"

@@ -42,6 +42,8 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
     assert whats.count("induction (head->logit)") == 1 and whats.count("induction (state->logit)") == 1
     assert whats.count("off-by-one") == 2
     written = tables["run"][0]
+    seconds = json.loads(open(written["run"]).read())["seconds"]
+    assert set(seconds) == {"cache", "fit-sae", "match", "induction", "offbyone"} and min(seconds.values()) >= 0
     names = sorted(p.split("/")[-1] for p in written["figures"])
     assert names == sorted(["mppc_features.png", "mppc_neurons.png", "depth_map.png", "offbyone.png",
                             "induction_heads_tiny-neox.png", "induction_tiny-mamba.png"])

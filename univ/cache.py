@@ -13,12 +13,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import files, models, scan_compiled
 from .data import DataConfig, is_local, iter_contexts, iter_texts, resolved
 from .errors import UnivError
 from .options import parse_layers
+from .progress import bar as progress_bar
 from .store import HOOKS, Lock, Store, acts_dir, config_key, ensure_writable, resid_hook, slug, tokens_dir
 
 log = logging.getLogger("univ")
@@ -229,8 +229,7 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     if kept >= cfg.tokens:  # killed after the last chunk, before the manifest said so: nothing to add
         store.set_complete(True)
         return
-    bar = tqdm(total=cfg.tokens, initial=kept, desc="tokenize", unit="tok", unit_scale=True,
-               disable=None if progress else True, leave=False)
+    bar = progress_bar(cfg.tokens, "tokenize", "tok", kept, progress)
     texts = itertools.islice(iter_texts(data), skip_docs, None)
     buf: list = []
     index, docs_end = start, skip_docs
@@ -319,8 +318,7 @@ def _forward_chunks(cfg, src, device, how: Computed, tstore: Store, stores: dict
                     todo: dict[int, list[int]], progress: bool) -> None:
     lm = models.load_source(src, device, how.dtype)
     chunk_rows = tstore.chunks
-    bar = tqdm(total=sum(chunk_rows[i]["rows"] for i in todo), desc=f"cache {src.short_name}",
-               unit="tok", unit_scale=True, disable=None if progress else True)
+    bar = progress_bar(sum(chunk_rows[i]["rows"] for i in todo), f"cache {src.short_name}", "tok", 0, progress)
     with bar:
         for index, layers in todo.items():
             with scan_compiled.mode("compiled" if how.compiled_scan else "eager"):

@@ -24,12 +24,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tqdm import tqdm
 
 from . import models, patching
 from .circuit import (CircuitConfig, CircuitResult, Means, batches, check, other_ids, parse_head, result_path,
                       token_ids)
 from .options import parse_layers
+from .progress import bar as progress_bar
 
 
 def induction_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def induction_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]
 
 
 def _bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, desc=desc, unit="seq", disable=None if progress else True)
+    return progress_bar(total, desc, "seq", 0, progress)
 
 
 @torch.no_grad()

@@ -19,11 +19,11 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from tqdm import tqdm
 
 from . import files, models
 from .correlate import Encoded, encode_window, pair_max
 from .errors import UnivError
+from .progress import bar as progress_bar
 from .store import Store, config_key, slug
 
 log = logging.getLogger("univ")
@@ -167,8 +167,7 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
         return saved
     device = models.resolve_device(cfg.device)
     la, lb = sorted(a.stores), sorted(b.stores)
-    bar = tqdm(total=len(la) + len(lb) + len(la) * len(lb), desc=f"match {name}", unit="step",
-               disable=None if progress else True)
+    bar = progress_bar(len(la) + len(lb) + len(la) * len(lb), f"match {name}", "step", 0, progress)
     with bar:
         enc_a = {}
         for layer in la:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -86,12 +87,16 @@ class StudyResult(NamedTuple):
 
 
 @contextmanager
-def _stage(name: str, rerun: str):
-    """Run a stage; a failure names it and the command that reruns it alone."""
+def _stage(name: str, rerun: str, seconds: dict | None = None):
+    """Run a stage; a failure names it and the command that reruns it alone. ``seconds`` adds the
+    stage's wall time under its name (stages that run per model add up)."""
+    start = time.monotonic()
     try:
         yield
     except UnivError as e:
         raise UnivError(f"stage {name} failed: {e} — rerun it alone with: {rerun}") from None
+    if seconds is not None:
+        seconds[name] = round(seconds.get(name, 0.0) + time.monotonic() - start, 2)
 
 
 def _cmd(*parts) -> str:
@@ -112,13 +117,14 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
     sae_budget = [s["sae_train_tokens"], s["sae_batch_size"], s["sae_eval_tokens"]]
     everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
-    with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common)):
+    durations: dict[str, float] = {}
+    with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common), durations):
         random_b = [models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []
         run_cache(dataclasses.replace(data, models=everyone + random_b), progress)
     quality = []
     for model in everyone:
         with _stage("fit-sae", _cmd("fit-sae", "--model", model, *sae_flags, "--train-tokens", sae_budget[0],
-                                    "--batch-size", sae_budget[1], "--eval-tokens", sae_budget[2], *corpus)):
+                                    "--batch-size", sae_budget[1], "--eval-tokens", sae_budget[2], *corpus), durations):
             for r in run_fit(fit, "all", cfg.cache_dir, cache_cfg=dataclasses.replace(data, models=[model]),
                              progress=progress):
                 quality.append({"model": model, **{k: v for k, v in r._asdict().items() if k != "path"}})
@@ -132,7 +138,7 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, "--sae-train-tokens",
                               sae_budget[0], "--sae-batch-size", sae_budget[1], "--sae-eval-tokens", sae_budget[2],
                               "--neuron-tokens", s["neuron_tokens"],
-                              *common)):
+                              *common), durations):
         comparisons = run_match(req, progress)
     circuit = CircuitConfig(n_seqs=s["n_seqs"], state_seqs=s["state_seqs"], device=cfg.device)
     obo_cfg = dataclasses.replace(circuit, n_seqs=s["offbyone_seqs"], state_seqs=None, seq_len=s["offbyone_len"])
@@ -143,16 +149,17 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
                  *where]
         obo_flags = ["--model", model, "--n-seqs", s["offbyone_seqs"], "--seq-len", s["offbyone_len"], *where]
         lm = models.load(model, device=cfg.device, dtype=circuit.dtype)
-        with _stage("induction", _cmd("induction", *flags)):
+        with _stage("induction", _cmd("induction", *flags), durations):
             induction.append(run_induction(lm, circuit, cfg.cache_dir, progress=progress))
-        with _stage("offbyone", _cmd("offbyone", *obo_flags)):
+        with _stage("offbyone", _cmd("offbyone", *obo_flags), durations):
             offbyone.append(run_offbyone(lm, obo_cfg, cfg.cache_dir, induction=circuit, progress=progress))
         paths["induction"].append(str(induction_path(cfg.cache_dir, lm, circuit)))
         paths["offbyone"].append(str(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit)))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
            "feature_scale": cfg.feature_scale, "centre": cfg.centre, "cpu_scan": cfg.cpu_scan,
            "dataset": cfg.dataset, "device": cfg.device, "univ_version": __version__,
-           "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths}
+           "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths,
+           "seconds": durations}
     key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
                                           "feature_scale", "centre", "cpu_scan")})
     run_file = cfg.cache_dir / RUNS / key / "run.json"

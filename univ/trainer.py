@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
-from tqdm import tqdm
 
 from .errors import UnivError
+from .progress import bar as progress_bar
 from .sae import SAE, SAEConfig
 from .sae_train import TrainConfig, after_step, before_step, lr_at, step_loss
 from . import files
@@ -55,8 +55,7 @@ def train(saes_cfg: dict[int, SAEConfig], out_dirs: dict[int, Path], windows: Wi
             rows = first[layer].cpu()
             sae.initialise(rows[torch.randperm(len(rows), generator=gen)[:INIT_ROWS]], gen, init_b_dec)
             since[layer] = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
-    bar = tqdm(total=tc.total_steps * batch_size, initial=state["step"] * batch_size, desc=desc, unit="tok",
-               unit_scale=True, disable=None if progress else True)
+    bar = progress_bar(tc.total_steps * batch_size, desc, "tok", state["step"] * batch_size, progress)
     last_save = time.monotonic()
     with bar:
         for rows, position in windows(state) if state["step"] < tc.total_steps else ():
