@@ -10,6 +10,7 @@ either the old checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -45,9 +46,12 @@ def train(saes_cfg: dict[int, SAEConfig], out_dirs: dict[int, Path], windows: Wi
     if len(states) == 1 and None not in states:  # every layer stopped at the same window
         state = next(iter(resumed.values()))[0]
         since = {layer: r[1] for layer, r in resumed.items()}
+        stream = windows(state)
     else:  # a fresh start (or checkpoints from different moments: start over rather than mix)
         state = {"window": 0, "step": 0, "position": None}
-        first, _ = next(windows(state))
+        stream = windows(state)
+        head = next(stream)  # the first window initialises the SAEs, then trains them
+        first, stream = head[0], itertools.chain([head], stream)
         since = {}
         for layer, sae in saes.items():
             opts[layer] = _optimizer(sae, tc.lr, device)  # drop any half-loaded state
@@ -58,7 +62,7 @@ def train(saes_cfg: dict[int, SAEConfig], out_dirs: dict[int, Path], windows: Wi
     bar = progress_bar(tc.total_steps * batch_size, desc, "tok", state["step"] * batch_size, progress)
     last_save = time.monotonic()
     with bar:
-        for rows, position in windows(state) if state["step"] < tc.total_steps else ():
+        for rows, position in stream if state["step"] < tc.total_steps else ():
             gen = torch.Generator().manual_seed(seed * 1_000_003 + state["window"])
             perm = torch.randperm(len(next(iter(rows.values()))), generator=gen).to(device)
             n_batches = min(len(perm) // batch_size, tc.total_steps - state["step"])
