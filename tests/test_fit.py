@@ -127,6 +127,9 @@ def test_fit_sae_cli_streams_every_layer_then_hits(assets, tmp_path, capsys, mon
     monkeypatch.setattr(trainer, "train", no_training)
     monkeypatch.setattr(fit_mod.models, "load_source", no_training)
     assert run(capsys, *args)[1] == out
+    monkeypatch.chdir(tmp_path)  # the same cache given by a relative path: still a hit
+    relative = [a if a != tmp_path / "cache" else "cache" for a in args]
+    assert run(capsys, *relative)[1] == out.replace(str(tmp_path / "cache"), "cache")
 
 
 def test_fit_sae_bad_inputs(assets, tmp_path, capsys):

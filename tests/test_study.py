@@ -14,10 +14,13 @@ def all_args(assets, tmp_path):
     return ["all", "--model-a", assets["neox"], "--model-b", assets["mamba"], "--preset", "smoke",
             "--dataset", assets["big_corpus"], "--tokens", "2000", "--ctx-len", "24", "--expansion", "2", "--k", "4",
             "--sae-batch-size", "128", "--sae-train-tokens", "4096", "--sae-eval-tokens", "1000", "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24",
-            "--device", "cpu", "--cache-dir", tmp_path / "cache", "--format", "json"]
+            "--device", "cpu", "--cache-dir", "cache", "--format", "json"]
 
 
 def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch):
+    # The run uses a cache directory relative to where it starts; the report is asked for later,
+    # by an absolute path, from elsewhere: run.json's paths must not depend on the working directory.
+    monkeypatch.chdir(tmp_path)
     # An interrupted run: the circuit stage fails; the error names it and how to rerun it.
     real = study.run_induction
 
@@ -58,6 +61,8 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
     cache = tmp_path / "cache"
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and "report" not in p.parts}
     monkeypatch.setattr(models, "load_source", lambda *a, **k: pytest.fail("report loaded a model"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     code, out, err = run(capsys, "report", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "again",
                          "--format", "json")
     assert code == 0, err

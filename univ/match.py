@@ -162,7 +162,7 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
     rows = sum(c["rows"] for c in a.stores[min(a.stores)].manifest["chunks"])
     n = min(cfg.tokens, rows)
     key = config_key({"a": a.ident, "b": b.ident, "tokens": n})
-    out = out_root / f"{slug(a.label)}__{slug(b.label)}" / f"{slug(name)}-{key}"
+    out = out_root / f"{slug(name)}-{key}"  # keyed by the sides' content, however the models were named
     if (saved := load_comparison(out)) is not None:
         return saved
     device = models.resolve_device(cfg.device)

@@ -128,6 +128,13 @@ def _md(rows: list[dict]) -> str:
     return tabulate(rows, headers="keys", tablefmt="github", floatfmt="g") if rows else "(none)"
 
 
+def _comparison(path: Path):
+    result = load_comparison(path)
+    if result is None:
+        raise UnivError(f"{path} is missing or unreadable; rerun `univ all` to compute it again")
+    return result
+
+
 def _circuit(path: Path) -> CircuitResult:
     result = CircuitResult.load(path)
     if result is None:
@@ -142,8 +149,9 @@ def write_report(run_file: Path, out: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UnivError(f"cannot read {run_file}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
-    comparisons = [load_comparison(Path(p)) for p in run.get("match", [])]
-    circuits = {kind: [_circuit(Path(p)) for p in paths] for kind, paths in run.get("circuits", {}).items()}
+    root = run_file.resolve().parents[2]  # <cache>/runs/<key>/run.json: its paths are relative to <cache>
+    comparisons = [_comparison(root / p) for p in run.get("match", [])]
+    circuits = {kind: [_circuit(root / p) for p in paths] for kind, paths in run.get("circuits", {}).items()}
     figures = [f for f in (mppc_figure(comparisons, out, False), mppc_figure(comparisons, out, True)) if f]
     main = next((c for c in comparisons if c.name == "main"), None)
     if main is not None:
@@ -153,7 +161,8 @@ def write_report(run_file: Path, out: Path) -> dict:
     if circuits.get("offbyone"):
         figures.append(offbyone_figure(circuits["offbyone"], out))
     lines = [f"# univ report: {run['model_a']} vs {run['model_b']}", "",
-             f"Preset `{run['preset']}`; configuration: `{run_file}`.", "", "## SAE quality", "",
+             f"Preset `{run['preset']}`; configuration: `{run_file.resolve().relative_to(root)}` in the cache.", "",
+             "## SAE quality", "",
              _md(run.get("sae_quality", [])), "", "## MPPC summary", "",
              _md([row for c in comparisons for row in c.summary(run.get("dead_as_zero", False))]), ""]
     if main is not None:

@@ -8,6 +8,7 @@ reruns it alone; a rerun of `univ all` skips everything already in the cache.
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import contextmanager
 import shlex
 import time
@@ -99,6 +100,12 @@ def _stage(name: str, rerun: str, seconds: dict | None = None):
         seconds[name] = round(seconds.get(name, 0.0) + time.monotonic() - start, 2)
 
 
+def _in_cache(path, cache_dir: Path) -> str:
+    """A path relative to the cache root, as run.json keeps them (the report finds them from any
+    working directory, and a cache can be moved whole)."""
+    return os.path.relpath(path, cache_dir)
+
+
 def _cmd(*parts) -> str:
     return "univ " + " ".join(shlex.quote(str(p)) for p in parts if p is not None and p != "")
 
@@ -153,12 +160,12 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
             induction.append(run_induction(lm, circuit, cfg.cache_dir, progress=progress))
         with _stage("offbyone", _cmd("offbyone", *obo_flags), durations):
             offbyone.append(run_offbyone(lm, obo_cfg, cfg.cache_dir, induction=circuit, progress=progress))
-        paths["induction"].append(str(induction_path(cfg.cache_dir, lm, circuit)))
-        paths["offbyone"].append(str(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit)))
+        paths["induction"].append(_in_cache(induction_path(cfg.cache_dir, lm, circuit), cfg.cache_dir))
+        paths["offbyone"].append(_in_cache(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit), cfg.cache_dir))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
            "feature_scale": cfg.feature_scale, "centre": cfg.centre, "cpu_scan": cfg.cpu_scan,
            "dataset": cfg.dataset, "device": cfg.device, "univ_version": __version__,
-           "sae_quality": quality, "match": [c.path for c in comparisons], "circuits": paths,
+           "sae_quality": quality, "match": [_in_cache(c.path, cfg.cache_dir) for c in comparisons], "circuits": paths,
            "seconds": durations}
     key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
                                           "feature_scale", "centre", "cpu_scan")})
