@@ -114,3 +114,12 @@ def test_a_run_logged_to_a_file_reports_its_progress(assets, tmp_path, capsys, m
     assert all(line.startswith("univ: INFO: cache tiny-mamba: ") for line in lines)
     assert "(100.0%)" in lines[-2] and " tok/s, " in lines[-2] and " left" in lines[-2]
     assert lines[-1] == "univ: INFO: cache tiny-mamba: done, 400 tok in 0m00s"
+
+
+def test_version_and_bare_univ(capsys):
+    from univ import __version__
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"univ {__version__}" and err == ""
+    code, out, err = run(capsys)
+    assert "Usage" in out + err and "univ: error:" not in err

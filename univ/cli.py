@@ -83,8 +83,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"univ {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print univ's version."),
+) -> None:
     log = logging.getLogger("univ")
     if not log.handlers:
         handler = _StderrHandler()
@@ -435,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         code = e.exit_code
     except _UsageError as e:  # usage errors: one line, exit 2 as click does
-        typer.echo(f"univ: error: {e.format_message()}", err=True)
+        if e.format_message():  # `univ` alone has shown its help: no empty error line after it
+            typer.echo(f"univ: error: {e.format_message()}", err=True)
         code = e.exit_code
     except typer.Abort:
         typer.echo("univ: error: aborted", err=True)
