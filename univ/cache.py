@@ -98,6 +98,11 @@ class Computed(NamedTuple):
     compiled_scan: bool
     """Mamba on the CPU: large scans through torch.compile (--cpu-scan compiled)."""
 
+    @classmethod
+    def plain(cls, dtype: torch.dtype) -> Computed:
+        """Computed in ``dtype`` and kept so (circuits, which store no activations)."""
+        return cls(dtype, dtype, False, False)
+
     def extras(self) -> dict:
         """What differs from the plain setting (stored as computed, not centred, eager scan): only
         those enter keys and configs, so that stores cached before these options keep theirs."""
@@ -115,11 +120,11 @@ def computed(cfg: CacheConfig, src: models.ModelSource, device: torch.device) ->
                     cfg.cpu_scan == "compiled" and src.family == "mamba" and device.type == "cpu")
 
 
-def model_key(src: models.ModelSource, dtype: torch.dtype, how: Computed | None = None) -> str:
-    """Folder name of a model's activations (or circuit results): readable prefix plus a hash of
-    what fixes its values."""
+def model_key(src: models.ModelSource, how: Computed) -> str:
+    """Folder name of a model's activations (or SAEs, or circuit results): readable prefix plus a
+    hash of what fixes its values."""
     key_config = {"model": "local" if src.is_local else src.ref, "revision": src.revision,
-                  "layout": src.layout, "dtype": _name(dtype), **(how.extras() if how else {})}
+                  "layout": src.layout, "dtype": _name(how.dtype), **how.extras()}
     return f"{slug(src.short_name)}-{config_key(key_config)}"
 
 
@@ -134,9 +139,9 @@ def _data_identity(dataset: str) -> dict:
     root = Path(dataset).expanduser().resolve()
     if not root.exists():
         raise UnivError(f"dataset path {dataset!r} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return {"local": str(root), "files": [[str(f.relative_to(root.parent)), f.stat().st_size, f.stat().st_mtime_ns]
-                                          for f in files]}
+                                          for f in paths]}
 
 
 def format_layers(layers: list[int]) -> str:
@@ -180,7 +185,7 @@ def token_store_key(cfg: CacheConfig, tokenizer) -> str:
 def _cached(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, device: torch.device) -> bool:
     """Every store of the model for the requested layers is complete (nothing to compute)."""
     how = computed(cfg, src, device)
-    root = acts_dir(cfg.cache_dir, model_key(src, how.dtype, how), tokens_key, "")
+    root = acts_dir(cfg.cache_dir, model_key(src, how), tokens_key, "")
     manifests = [files.read_json(root / resid_hook(layer, cfg.hook) / "manifest.json")
                  for layer in parse_layers(cfg.layers, src.n_layers)]
     return all(isinstance(m, dict) and m.get("complete") for m in manifests)
@@ -287,7 +292,7 @@ def cache_model(cfg: CacheConfig, src: models.ModelSource, tokens_key: str, tsto
     device = models.resolve_device(cfg.device)
     how = computed(cfg, src, device)
     layers = parse_layers(cfg.layers, src.n_layers)
-    mkey = model_key(src, how.dtype, how)
+    mkey = model_key(src, how)
     root = acts_dir(cfg.cache_dir, mkey, tokens_key, "")
     with Lock(root):
         stores = {}

@@ -173,7 +173,7 @@ def batches(data: dict, size: int, device, limit: int | None = None):
 
 
 def result_path(cache_dir: Path, lm: models.LM, experiment: str, cfg: CircuitConfig, **extra) -> Path:
-    from .cache import model_key
+    from .cache import Computed, model_key
 
     key = config_key({**asdict(cfg), **extra})
-    return cache_dir / "circuits" / model_key(lm.source, lm.dtype) / f"{experiment}-{key}.json"
+    return cache_dir / "circuits" / model_key(lm.source, Computed.plain(lm.dtype)) / f"{experiment}-{key}.json"

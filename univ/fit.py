@@ -327,7 +327,7 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
     held_key, held_out = build_token_store(dataclasses.replace(data, tokens=cfg.eval_tokens), tokenizer, progress,
                                            first_doc=_docs_end(window_store))
     source = stream.source(data_config(data), _docs_end(held_out), tokenizer, cfg.batch_contexts)
-    mkey = model_key(src, how.dtype, how)
+    mkey = model_key(src, how)
     identity = {"model": mkey, "window_tokens": window_key, "held_out_tokens": held_key,
                 "first_doc": source.first_doc, "batch_contexts": cfg.batch_contexts}
     sae_cfgs, recipes, out_dirs = {}, {}, {}
