@@ -194,3 +194,35 @@ def test_raw_feature_scale_correlates_what_lm_saes_returns(tmp_path):
         assert json.loads((Path(c.path) / "summary.json").read_text())["feature_scale"] == {"a": scale, "b": None}
     assert (values["raw"] > 1 - 1e-6).all()
     assert (values["normalised"] < 0.99).any()
+
+
+def test_an_interrupted_match_resumes_after_its_last_finished_layer_pair(tmp_path, monkeypatch):
+    from univ import match as match_mod
+
+    a, b = _synthetic_pair(tmp_path)
+    a.stores[1], a.encoders[1] = a.stores[0], a.encoders[0]  # two layers of A: two pairs
+    clean = compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "clean", progress=False)
+    real, calls = match_mod.pair_max, []
+
+    def dies_on_the_second_pair(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(match_mod, "pair_max", dies_on_the_second_pair)
+    with pytest.raises(KeyboardInterrupt):
+        compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+    calls.clear()
+    resumed = compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+    assert len(calls) == 1  # the first pair was read back, not computed again
+    for name in ("a_value", "a_index", "b_value", "depth"):
+        assert torch.equal(getattr(resumed, name), getattr(clean, name)), name
+    assert not (Path(resumed.path) / "pairs").exists()
+
+
+def test_a_match_that_cannot_fit_is_refused_with_its_numbers(tmp_path, monkeypatch):
+    a, b = _synthetic_pair(tmp_path)
+    monkeypatch.setattr("univ.match.os.sysconf", lambda name: 1)
+    with pytest.raises(UnivError, match=r"a layer pair needs .* GiB \(18 x 18 features\) and 0.0 GiB are free"):
+        compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,11 @@ from typing import NamedTuple
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from . import files, models
-from .correlate import Encoded, encode_window, pair_max
+from .correlate import Encoded, PairMax, encode_window, pair_max
 from .errors import UnivError
 from .progress import bar as progress_bar
 from .store import Store, config_key, slug
@@ -167,28 +170,32 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
         return saved
     device = models.resolve_device(cfg.device)
     la, lb = sorted(a.stores), sorted(b.stores)
-    bar = progress_bar(len(la) + len(lb) + len(la) * len(lb), f"match {name}", "step", 0, progress)
-    with bar:
-        enc_a = {}
-        for layer in la:
-            enc_a[layer] = _encode(a, layer, n, cfg, device)
-            bar.update()
+    # B's layers are encoded once and kept; A's one at a time: memory holds B and one layer of A.
+    with progress_bar(len(lb), f"match {name}: encode {b.label}", "layer", 0, progress) as bar:
         enc_b = {}
         for layer in lb:
             enc_b[layer] = _encode(b, layer, n, cfg, device)
             bar.update()
-        fa, fb = enc_a[la[0]].width, enc_b[lb[0]].width
-        a_val = torch.full((len(la), fa), -2.0, dtype=torch.float64, device=device)
-        a_lay = torch.zeros(len(la), fa, dtype=torch.long, device=device)
-        a_idx = torch.zeros_like(a_lay)
-        b_val = torch.full((len(lb), fb), -2.0, dtype=torch.float64, device=device)
-        b_lay = torch.zeros(len(lb), fb, dtype=torch.long, device=device)
-        b_idx = torch.zeros_like(b_lay)
-        depth = torch.zeros(len(la), len(lb), dtype=torch.float64, device=device)
+    fb = enc_b[lb[0]].width
+    a_val = a_lay = a_idx = None
+    a_fires = []
+    b_val = torch.full((len(lb), fb), -2.0, dtype=torch.float64, device=device)
+    b_lay = torch.zeros(len(lb), fb, dtype=torch.long, device=device)
+    b_idx = torch.zeros_like(b_lay)
+    depth = torch.zeros(len(la), len(lb), dtype=torch.float64, device=device)
+    pairs = out / "pairs"  # each finished layer pair, so that an interrupted match resumes there
+    with progress_bar(len(la) * len(lb), f"match {name}", "layer pair", 0, progress) as bar:
         for i, l_a in enumerate(la):
-            alive = enc_a[l_a].fires
+            enc_a = _encode(a, l_a, n, cfg, device)
+            if a_val is None:
+                _check_memory(enc_a, enc_b, device)
+                a_val = torch.full((len(la), enc_a.width), -2.0, dtype=torch.float64, device=device)
+                a_lay = torch.zeros(len(la), enc_a.width, dtype=torch.long, device=device)
+                a_idx = torch.zeros_like(a_lay)
+            alive = enc_a.fires
+            a_fires.append(alive)
             for j, l_b in enumerate(lb):
-                pm = pair_max(enc_a[l_a], enc_b[l_b])
+                pm = _pair(pairs / f"{l_a}-{l_b}.safetensors", enc_a, enc_b[l_b], device)
                 depth[i, j] = pm.a_value[alive].mean() if alive.any() else float("nan")
                 better = pm.a_value > a_val[i]
                 a_val[i] = torch.where(better, pm.a_value, a_val[i])
@@ -199,14 +206,46 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
                 b_lay[j] = torch.where(better, i, b_lay[j])
                 b_idx[j] = torch.where(better, pm.b_index, b_idx[j])
                 bar.update()
+            del enc_a
     result = Comparison(name, a.label, b.label, la, lb, n,
-                        a_val.float().cpu(), a_lay.cpu(), a_idx.cpu(),
-                        torch.stack([enc_a[l].fires for l in la]).cpu(),
+                        a_val.float().cpu(), a_lay.cpu(), a_idx.cpu(), torch.stack(a_fires).cpu(),
                         b_val.float().cpu(), b_lay.cpu(), b_idx.cpu(),
                         torch.stack([enc_b[l].fires for l in lb]).cpu(),
                         depth.float().cpu(), str(out))
     _save(result, out, {"a": a.ident, "b": b.ident})
+    shutil.rmtree(pairs, ignore_errors=True)
     return result
+
+
+def _pair(path: Path, a: Encoded, b: Encoded, device) -> PairMax:
+    """One layer pair's maxima, read back if an earlier (interrupted) run finished it."""
+    try:
+        t = load_file(path, device=str(device))
+        return PairMax(t["a_value"], t["a_index"], t["b_value"], t["b_index"])
+    except Exception:  # absent, or unreadable: compute it
+        pm = pair_max(a, b)
+        files.write_bytes(path, st_save({k: v.contiguous().cpu() for k, v in pm._asdict().items()}))
+        return pm
+
+
+def _nbytes(e: Encoded) -> int:
+    return sum(t.numel() * t.element_size() for t in (e.rows, e.cols, e.vals, e.dense) if t is not None)
+
+
+def _check_memory(a: Encoded, b: dict[int, Encoded], device) -> None:
+    """Refuse, with the numbers, a match that cannot fit: with B's layers and one of A's encoded,
+    a layer pair needs its float64 cross moments [F_a, F_b] and a few blocks of correlations."""
+    fb = next(iter(b.values())).width
+    need = 8 * a.width * fb + 4 * 8 * 4096 * fb
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > free:
+        held = sum(_nbytes(e) for e in b.values()) + _nbytes(a)
+        raise UnivError(f"a layer pair needs {need / 2**30:.1f} GiB ({a.width:,} x {fb:,} features) and "
+                        f"{free / 2**30:.1f} GiB are free (the encoded layers hold {held / 2**30:.1f} GiB); "
+                        "lower --tokens or --expansion")
 
 
 _TENSORS = ("a_value", "a_layer", "a_index", "a_fires", "b_value", "b_layer", "b_index", "b_fires", "depth")
