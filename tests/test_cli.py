@@ -123,3 +123,18 @@ def test_version_and_bare_univ(capsys):
     assert code == 0 and out.strip() == f"univ {__version__}" and err == ""
     code, out, err = run(capsys)
     assert "Usage" in out + err and "univ: error:" not in err
+
+
+def test_csv_holds_one_table_that_a_csv_reader_loads(assets, tmp_path, capsys):
+    import csv
+    import io
+
+
+    args = ["induction", "-m", assets["mamba"], "--n-seqs", "8", "--seq-len", "16", "--device", "cpu",
+            "--cache-dir", tmp_path, "--format", "csv"]
+    assert_one_line_error(*run(capsys, *args), "csv holds one table: choose one with --table (clean, state->logit")
+    code, out, err = run(capsys, *args, "--table", "y->")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 3 and set(rows[0]) == {"component", "p_B", "logit_B", "drop"}
+    assert_one_line_error(*run(capsys, *args, "--table", "nothing"), "--table 'nothing' names none of the tables")

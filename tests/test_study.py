@@ -39,6 +39,9 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
     assert code == 0, err
     tables = json.loads(out)
     whats = [row["what"] for row in tables["summary"]]
+    numbers = {row["what"]: row["values"] for row in tables["summary"]}
+    assert isinstance(numbers["SAE quality"]["mean_explained_variance"], float)
+    assert isinstance(numbers["MPPC main"]["median"], float) and isinstance(numbers["off-by-one"]["position"], int)
     assert whats.count("SAE quality") == 2
     for name in ("MPPC main", "MPPC random-init", "MPPC sae-seed", "MPPC neurons", "MPPC neurons random-init"):
         assert whats.count(name) == 2, name

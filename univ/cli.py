@@ -31,6 +31,10 @@ app = typer.Typer(
 )
 
 FormatOpt = typer.Option(Format.github, "--format", help="Table format on stdout.")
+
+
+def TableOpt(names: str):
+    return typer.Option(None, "--table", help=f"Print only this table ({names}); csv and tsv need one.")
 CacheDirOpt = typer.Option(Path("univ-cache"), "--cache-dir", envvar="UNIV_CACHE", help="Cache root.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="Forward dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
@@ -223,6 +227,7 @@ def match(
     tokens: str = typer.Option("1M", "--tokens", help="Window: tokens cached and correlated."),
     dead_as_zero: bool = typer.Option(False, "--dead-as-zero", help="Count never-firing features as 0 (the authors' clamp) instead of leaving them out."),
     feature_scale: str = FeatureScaleOpt,
+    table: str = TableOpt("summary, per-layer, depth"),
     dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus of the shared token store."),
     ctx_len: int = typer.Option(1024, "--ctx-len", help="Tokens per context."),
     arch: str = typer.Option("relu", "--arch", help="SAE architecture for SAEs fitted on the way."),
@@ -265,7 +270,7 @@ def match(
     }
     if fmt is Format.json:
         tables["results"] = [{"comparison": c.name, "path": c.path} for c in results]
-    typer.echo(render(tables, fmt))
+    typer.echo(render(tables, fmt, table))
 
 
 EffectOpt = typer.Option(
@@ -293,6 +298,7 @@ def induction(
     conv_cumulative: bool = typer.Option(False, "--conv-cumulative", help="Mamba: accumulate the conv input swaps (s+2, then s+1 too, then s) as the authors' script did."),
     head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head (5.0 or L5H0) for head->head (default: top head->logit)."),
     top: int = typer.Option(10, "--top", help="Rows shown per analysis (json: all)."),
+    table: str = TableOpt("clean, state->logit, y->logit, conv->state->logit for Mamba; clean, head->logit, head->L5H0 (K-composition) for GPT-NeoX"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
@@ -313,7 +319,7 @@ def induction(
         tables[name] = rows if fmt is Format.json else rows[:top]
     if fmt is Format.json:
         tables["config"] = [r.config]
-    typer.echo(render(tables, fmt))
+    typer.echo(render(tables, fmt, table))
 
 
 @app.command()
@@ -328,6 +334,7 @@ def offbyone(
     batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
     effect: str = EffectOpt,
     swap_decay: bool = typer.Option(False, "--swap-decay", help="Mamba: also take the decay from the corrupted run, at p+1, as the authors' notebook did."),
+    table: str = TableOpt("clean, off-by-one"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
@@ -353,18 +360,18 @@ def offbyone(
                             effect=effect, head=head if lm.family == "gpt_neox" else None,
                             swap_decay=swap_decay and lm.family == "mamba")
         results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force))
-    table = []
+    by_position = []
     for p in POSITIONS:
         row = {"position": p}
         for r in results:
             entry = next(e for e in r.rows[TABLE] if e["position"] == p)
             row[f"{r.model} [{entry['component']}] d_logit_B"] = entry["delta_logit_B"]
             row[f"{r.model} d_p_B"] = entry["delta_p_B"]
-        table.append(row)
-    tables = {"clean": _clean_rows(results), "off-by-one (B at position 1)": table}
+        by_position.append(row)
+    tables = {"clean": _clean_rows(results), "off-by-one (B at position 1)": by_position}
     if fmt is Format.json:
         tables["config"] = [r.config for r in results]
-    typer.echo(render(tables, fmt))
+    typer.echo(render(tables, fmt, table))
 
 
 @app.command("all")
@@ -398,6 +405,7 @@ def all_(
     device: str = DeviceOpt,
     cache_dir: Path = CacheDirOpt,
     out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
+    table: str = TableOpt("summary; json also: run"),
     fmt: Format = FormatOpt,
 ) -> None:
     """The whole study: cache, fit-sae, match, induction, offbyone, then a report with figures."""
@@ -414,12 +422,13 @@ def all_(
                                  dataset=dataset, feature_scale=feature_scale, centre=centre, cpu_scan=cpu_scan,
                                  device=device,
                                  cache_dir=cache_dir, out=out))
-    tables = {"summary": result.summary}
+    tables = {"summary": result.summary if fmt is Format.json else
+              [{k: v for k, v in row.items() if k != "values"} for row in result.summary]}
     if fmt is Format.json:
         tables["run"] = [{"run": str(result.run_file), **result.report}]
     else:
         typer.echo(f"univ: report written to {result.report['report']}", err=True)
-    typer.echo(render(tables, fmt))
+    typer.echo(render(tables, fmt, table))
 
 
 @app.command()

@@ -177,30 +177,40 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
 
 
 def summary(quality, comparisons, induction, offbyone) -> list[dict]:
-    """One concise table: SAE quality, MPPC per comparison, top induction component, off-by-one shift."""
+    """One concise table: SAE quality, MPPC per comparison, top induction component, off-by-one
+    shift. Each row's numbers are also in its 'values' (for --format json)."""
     rows = []
     for model in dict.fromkeys(q["model"] for q in quality):
         qs = [q for q in quality if q["model"] == model]
         lr = [q["loss_recovered"] for q in qs if q["loss_recovered"] is not None]
         mean = {key: sum(q[key] for q in qs) / len(qs) for key in ("l0", "explained_variance", "dead_fraction")}
+        loss = sum(lr) / len(lr) if lr else None
         rows.append({"what": "SAE quality", "subject": model,
                      "result": f"{len(qs)} layers, d_sae {qs[0]['d_sae']}, mean L0 {mean['l0']:.1f}, "
                                f"explained variance {mean['explained_variance']:.3f}, dead {mean['dead_fraction']:.3f}"
-                               + (f", loss recovered {sum(lr) / len(lr):.3f}" if lr else "")})
+                               + (f", loss recovered {loss:.3f}" if lr else ""),
+                     "values": {"layers": len(qs), "d_sae": qs[0]["d_sae"], "mean_l0": mean["l0"],
+                                "mean_explained_variance": mean["explained_variance"],
+                                "mean_dead_fraction": mean["dead_fraction"], "mean_loss_recovered": loss}})
     for c in comparisons:
         for row in c.summary(False):
             rows.append({"what": f"MPPC {row['comparison']}", "subject": row["direction"],
                          "result": f"alive {row['alive']}/{row['features']}, mean {row['mean']:.3f}, "
-                                   f"median {row['median']:.3f}, >=0.7 {row['>=0.7']:.3f}"})
+                                   f"median {row['median']:.3f}, >=0.7 {row['>=0.7']:.3f}",
+                         "values": {k: v for k, v in row.items() if k not in ("comparison", "direction")}})
     for r in induction:
         table = "state->logit" if r.family == "mamba" else "head->logit"
         top = r.rows[table][0]
         rows.append({"what": f"induction ({table})", "subject": r.model,
-                     "result": f"{top['component']}: p(B) {r.clean[table]['p_B']:.4f} -> {top['p_B']:.4f}"})
+                     "result": f"{top['component']}: p(B) {r.clean[table]['p_B']:.4f} -> {top['p_B']:.4f}",
+                     "values": {"component": top["component"], "clean_p_B": r.clean[table]["p_B"],
+                                "patched_p_B": top["p_B"]}})
     for r in offbyone:
         entries = r.rows[TABLE]
         top = max(entries, key=lambda e: abs(e["delta_logit_B"]))
         rows.append({"what": "off-by-one", "subject": r.model,
                      "result": f"{r.config['component']}: largest change at p = {top['position']} "
-                               f"(d logit(B) {top['delta_logit_B']:+.3f}; B sits at 1)"})
+                               f"(d logit(B) {top['delta_logit_B']:+.3f}; B sits at 1)",
+                     "values": {"component": r.config["component"], "position": top["position"],
+                                "delta_logit_B": top["delta_logit_B"]}})
     return rows

@@ -9,6 +9,8 @@ from enum import Enum
 
 from tabulate import tabulate
 
+from .errors import UnivError
+
 
 class Format(str, Enum):
     github = "github"
@@ -19,13 +21,22 @@ class Format(str, Enum):
     json = "json"
 
 
-def render(tables: dict[str, list[dict]], fmt: Format | str) -> str:
+def render(tables: dict[str, list[dict]], fmt: Format | str, table: str | None = None) -> str:
     """Render named tables (each a list of row dicts with the same keys).
 
-    json gives one object {name: rows}; csv/tsv give the tables separated by a blank line;
-    the others print a title line above each table when there is more than one.
+    ``table`` keeps one of them (a unique prefix of its name will do). json gives one object
+    {name: rows}; csv and tsv hold one table, so that a CSV reader can load them (several ask for
+    --table); the others print a title line above each table when there is more than one.
     """
     fmt = Format(fmt)
+    _names = list(tables)
+    if table is not None:
+        tables = {name: rows for name, rows in tables.items() if name == table} or \
+                 {name: rows for name, rows in tables.items() if name.startswith(table)}
+        if len(tables) != 1:
+            raise UnivError(f"--table {table!r} names none of the tables (or several); they are: {', '.join(_names)}")
+    if fmt in (Format.csv, Format.tsv) and len(tables) > 1:
+        raise UnivError(f"{fmt.value} holds one table: choose one with --table ({', '.join(tables)})")
     if fmt is Format.json:
         return json.dumps(tables, indent=2, default=str)
     out = []
