@@ -117,3 +117,11 @@ def test_a_corpus_that_is_not_utf8_is_read_with_one_warning(assets, tmp_path, ca
     code, out, err = run(capsys, *_cache(assets, tmp_path, dataset=corpus))
     assert code == 0, err
     assert err.count("is not valid UTF-8") == 1
+
+
+def test_a_model_folder_without_its_tokenizer_is_named(assets, tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(assets["neox"] / name, folder / name)
+    assert_one_line_error(*run(capsys, *_cache(assets, tmp_path, model=folder)), "has no tokenizer")

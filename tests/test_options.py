@@ -21,7 +21,16 @@ def test_parse_layers():
     assert parse_layers("2, 1", 3) == [1, 2]
 
 
-@pytest.mark.parametrize("text", ["8", "0-8", "-1", "x", "3-1"])
+@pytest.mark.parametrize("text", ["8", "0-8", "-9", "x", "3-1"])
 def test_parse_layers_rejects(text):
     with pytest.raises(UnivError):
         parse_layers(text, 8)
+
+
+def test_negative_layers_count_from_the_end():
+    from univ.errors import UnivError
+    from univ.options import parse_layers
+
+    assert parse_layers("-1", 12) == [11] and parse_layers("0,-2", 12) == [0, 10]
+    with pytest.raises(UnivError, match="out of range"):
+        parse_layers("-13", 12)

@@ -173,6 +173,9 @@ def load_tokenizer(src: ModelSource):
     from transformers import AutoTokenizer
 
     has_own = any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if src.is_local and src.layout == "hf" and not has_own:
+        raise UnivError(f"model folder {src.name!r} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+                        "save the tokenizer beside the model (tokenizer.save_pretrained)")
     if has_own or src.layout == "hf":
         ref, revision = src.ref, src.hub_revision
     else:

@@ -21,7 +21,7 @@ def parse_count(text: str, what: str = "count") -> int:
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
-    """'all' -> every layer; '0,3,5-7' -> [0, 3, 5, 6, 7]; checked against n_layers."""
+    """'all' -> every layer; '0,3,5-7' -> [0, 3, 5, 6, 7]; '-1' -> the last layer; checked against n_layers."""
     text = text.strip().lower()
     if text == "all":
         return list(range(n_layers))
@@ -31,6 +31,8 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
         if not m:
             raise UnivError(f"layers must look like 'all' or '0,3,5-7', not {text!r}")
         lo = int(m.group(1))
+        if lo < 0 and m.group(2) is None:  # counted from the end, as Python does
+            lo += n_layers
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if lo > hi:
             raise UnivError(f"layer range {part.strip()!r} is empty")
