@@ -180,7 +180,9 @@ def iter_contexts(texts: Iterator[str], tokenizer, ctx_len: int, bos: int, pad: 
 
     def flush():
         nonlocal n_docs
-        ids_list = tokenizer(batch, add_special_tokens=False)["input_ids"] if batch else []
+        # verbose=False: transformers' warning about the model's maximum length does not apply here,
+        # where every document is cut at ctx_len on purpose.
+        ids_list = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"] if batch else []
         for ids in ids_list:
             n_docs += 1
             row = np.full(ctx_len, pad, dtype=np.int32)
