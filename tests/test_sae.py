@@ -98,3 +98,10 @@ def test_sparse_topk_backward_equals_dense_autograd():
     (mse + tc.aux_coef * aux).backward()
     for name, p in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auxk_dead_window_scales_with_a_short_run():
+    from univ.sae_train import train_config
+
+    assert train_config("topk", 1e-3, 100_000, 4096, torch.float32).dead_tokens == 1_000_000
+    assert train_config("topk", 1e-3, 100, 512, torch.float32).dead_tokens == 5120  # a tenth of 51,200 tokens

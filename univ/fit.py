@@ -135,7 +135,7 @@ def _plan(cfg: FitConfig, d: int, train_tokens: int, device: torch.device) -> _P
         raise UnivError(f"an SAE of {d_sae:,} latents needs {weights / 2**30:.1f} GiB for its weights and Adam state; "
                         f"{budget / 2**30:.1f} GiB are available (lower --expansion)")
     normalisation = cfg.normalisation or ("token" if cfg.arch == "relu" else "dataset")
-    tc = train_config(cfg.arch, cfg.lr or default_lr(cfg.arch, d_sae), train_tokens // cfg.batch_size,
+    tc = train_config(cfg.arch, cfg.lr or default_lr(cfg.arch, d_sae), train_tokens // cfg.batch_size, cfg.batch_size,
                       torch.bfloat16 if device.type == "cuda" else torch.float32)
     window = math.ceil(min(cfg.window_rows, train_tokens) / cfg.batch_size) * cfg.batch_size
     return _Plan(d_sae, normalisation, tc, train_tokens, window)

@@ -132,13 +132,14 @@ def l1_factor(step: int, tc: TrainConfig) -> float:
     return 1.0 if warm <= 0 else min(1.0, step / warm)
 
 
-def train_config(arch: str, lr: float, total_steps: int, matmul_dtype: torch.dtype) -> TrainConfig:
+def train_config(arch: str, lr: float, total_steps: int, batch: int, matmul_dtype: torch.dtype) -> TrainConfig:
     """relu: the authors' recipe (lm_saes, September 2024: 10 % warm-up of lr and λ, 10 % linear
-    cool-down to 0); topk: univ's (1 % warm-up, no cool-down)."""
+    cool-down to 0); topk: univ's (1 % warm-up, no cool-down; a latent silent for 1M tokens, or a
+    tenth of a shorter run, counts as dead for AuxK)."""
     if arch == "relu":
         return TrainConfig(lr=lr, total_steps=total_steps, matmul_dtype=matmul_dtype)
     return TrainConfig(lr=lr, total_steps=total_steps, lr_warmup_frac=0.01, lr_cooldown_frac=0.0,
-                       matmul_dtype=matmul_dtype)
+                       dead_tokens=min(1_000_000, max(batch, total_steps * batch // 10)), matmul_dtype=matmul_dtype)
 
 
 def default_lr(arch: str, d_sae: int) -> float:
