@@ -138,3 +138,8 @@ def test_csv_holds_one_table_that_a_csv_reader_loads(assets, tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert len(rows) == 3 and set(rows[0]) == {"component", "p_B", "logit_B", "drop"}
     assert_one_line_error(*run(capsys, *args, "--table", "nothing"), "--table 'nothing' names none of the tables")
+
+
+def test_help_shows_flags_as_flags(capsys):
+    code, out, _ = run(capsys, "cache", "--help")
+    assert code == 0 and "--force" in out and "<bool>" not in out

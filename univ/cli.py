@@ -28,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a '<bool>' placeholder, no box drawing in logs
 )
 
 FormatOpt = typer.Option(Format.github, "--format", help="Table format on stdout.")
@@ -454,7 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         code = e.exit_code
     except _UsageError as e:  # usage errors: one line, exit 2 as click does
-        if e.format_message():  # `univ` alone has shown its help: no empty error line after it
+        if type(e).__name__ == "NoArgsIsHelpError":  # `univ` alone: its help, not an error line
+            typer.echo(e.format_message())
+        else:
             typer.echo(f"univ: error: {e.format_message()}", err=True)
         code = e.exit_code
     except typer.Abort:
