@@ -222,6 +222,11 @@ def test_mamba_induction_finds_the_planted_layer(planted, tmp_path):
     r = run_induction(lm, CircuitConfig(**CFG), tmp_path)
     effects = _effects(r, "state->logit")
     assert effects["layer 1"] > 1e-4
+    # Layers that write nothing have no drop and no interval; the random model does not solve the task.
+    stands = {row["component"]: row["stands_out"] for row in r.rows["state->logit"]}
+    assert not stands["layer 0"] and not stands["layer 2"]
+    clean = r.clean["state->logit"]
+    assert not clean["solved"] and clean["p_B_ci"] > 0 and clean["chance"] > 0
     assert effects["layer 0"] < 1e-6 and effects["layer 2"] < 1e-6
     # y->logit patches the read-out C·h, before the D skip and the gate. The planted conv hears
     # only t-1, so layer 1's read-out at the last position cannot see the last token (A): the
@@ -386,3 +391,29 @@ def test_neox_k_composition_equals_the_authors_script(assets, tmp_path):
         assert got[name] == pytest.approx(p, rel=1e-5), name
     total = run_induction(lm, dataclasses.replace(cfg, effect="total"), tmp_path).rows[table]
     assert max(abs(got[row["component"]] - row["p_B"]) for row in total) > 1e-7  # the freezes matter here
+
+
+def test_a_component_stands_out_when_its_paired_drop_leaves_zero_out_of_its_interval():
+    """Means: the drop's 95 % interval is paired over sequences (clean and patched p(B) on the
+    same ones); a consistent drop stands out, a drop that changes sign from sequence to sequence
+    does not, and the clean run is 'solved' only when its interval sits above chance."""
+    from univ.circuit import Means
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(400, dtype=torch.long)
+    clean_logits = torch.randn(400, 10, generator=g)
+    clean_logits[:, 0] += 3.0  # B well above chance (1/10)
+    means = Means()
+    ref = means.add("clean", clean_logits, target)
+    consistent = clean_logits.clone()
+    consistent[:, 0] -= 1.0
+    means.add("consistent", consistent, target, ref)
+    noisy = clean_logits.clone()
+    noisy[:, 0] += torch.where(torch.arange(400) % 2 == 0, 1.0, -1.0) * torch.rand(400, generator=g)
+    means.add("noisy", noisy, target, ref)
+    rows = {r["component"]: r for r in means.rows(["consistent", "noisy"], means.get("clean")[0], str)}
+    assert rows["consistent"]["stands_out"] and rows["consistent"]["drop"] > rows["consistent"]["drop_ci"] > 0
+    assert not rows["noisy"]["stands_out"]
+    clean = means.clean("clean", chance=0.1)
+    assert clean["solved"] and clean["p_B"] - clean["p_B_ci"] > 0.1
+    assert not means.clean("clean", chance=0.99)["solved"]

@@ -136,7 +136,7 @@ def test_csv_holds_one_table_that_a_csv_reader_loads(assets, tmp_path, capsys):
     code, out, err = run(capsys, *args, "--table", "y->")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert len(rows) == 3 and set(rows[0]) == {"component", "p_B", "logit_B", "drop"}
+    assert len(rows) == 3 and set(rows[0]) == {"component", "p_B", "logit_B", "drop", "drop_ci", "stands_out"}
     assert_one_line_error(*run(capsys, *args, "--table", "nothing"), "--table 'nothing' names none of the tables")
 
 

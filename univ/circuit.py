@@ -3,6 +3,7 @@ random sequences they draw from, and running means of p(B) and logit(B) over bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,33 +136,57 @@ def _p_and_logit(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     return F.softmax(logits, -1)[rows, target], logits[rows, target]
 
 
+Z95 = 1.96
+"""Half-widths are 95 % normal intervals over sequences."""
+
+
 class Means:
-    """Running means of p(B) and logit(B) over batches, per component."""
+    """Running means of p(B) and logit(B) over batches, per component, and of each component's
+    drop in p(B) against the clean run on the same sequences (for its interval)."""
 
     def __init__(self):
         self.sums: dict = {}
 
-    def add(self, key, logits, target):
+    def add(self, key, logits, target, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Add a batch; ``clean`` is the clean run's p(B) on the same sequences (see the return
+        value of the clean add). Returns this batch's p(B) per sequence."""
         p, lg = _p_and_logit(logits, target)
-        s = self.sums.setdefault(key, [0.0, 0.0, 0])
+        s = self.sums.setdefault(key, [0.0, 0.0, 0, 0.0, 0.0])
+        d = (clean - p) if clean is not None else p  # the clean run's own spread, for its interval
         s[0] += p.sum().item()
         s[1] += lg.sum().item()
         s[2] += len(p)
+        s[3] += d.sum().item()
+        s[4] += d.double().pow(2).sum().item()
+        return p
 
     def get(self, key) -> tuple[float, float]:
         s = self.sums[key]
         return s[0] / s[2], s[1] / s[2]
 
-    def clean(self, key) -> dict:
+    def half_width(self, key) -> float:
+        """95 % half-width of the mean drop (or, for a clean key, of the mean p(B))."""
+        s = self.sums[key]
+        n = s[2]
+        var = max(s[4] / n - (s[3] / n) ** 2, 0.0) * n / max(n - 1, 1)
+        return Z95 * math.sqrt(var / n)
+
+    def clean(self, key, chance: float) -> dict:
+        """The clean run: p(B) with its interval, and whether it is above chance (1/|ids|)."""
         p, lg = self.get(key)
-        return {"n_seqs": self.sums[key][2], "p_B": p, "logit_B": lg}
+        ci = self.half_width(key)
+        return {"n_seqs": self.sums[key][2], "p_B": p, "p_B_ci": ci, "logit_B": lg, "chance": chance,
+                "solved": p - ci > chance}
 
     def rows(self, keys, clean_p: float, label) -> list[dict]:
-        """One row per component, ranked by the drop in p(B)."""
+        """One row per component, ranked by the drop in p(B); ``stands_out`` when the drop's 95 %
+        interval (paired over sequences) leaves out 0."""
         rows = []
         for key in keys:
             p, lg = self.get(key)
-            rows.append({"component": label(key), "p_B": p, "logit_B": lg, "drop": clean_p - p})
+            ci = self.half_width(key)
+            rows.append({"component": label(key), "p_B": p, "logit_B": lg, "drop": clean_p - p, "drop_ci": ci,
+                         "stands_out": abs(clean_p - p) > ci})
         return sorted(rows, key=lambda r: -r["drop"])
 
 

@@ -58,6 +58,7 @@ def _bar(total: int, desc: str, progress: bool):
 @torch.no_grad()
 def mamba_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> CircuitResult:
     data = induction_data(lm, cfg)
+    chance = 1 / len(token_ids(lm))
     model, T, L = lm.model, cfg.seq_len, lm.n_layers
     direct = cfg.effect == "direct"
     n_state = min(cfg.state_seqs or cfg.n_seqs, cfg.n_seqs)
@@ -67,13 +68,13 @@ def mamba_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) ->
         for batch in batches(data, cfg.batch, lm.device, limit=n_state):
             clean = patching.mamba_trace(model, batch["clean"], [T - 2, T - 1])
             no_b = patching.mamba_trace(model, batch["no_b"], [T - 2])
-            means.add("clean state", clean.logits, batch["b"])
+            ref = means.add("clean state", clean.logits, batch["b"])
             for layer in range(L):
                 logits = patching.last_position(model, clean, layer, state_prev=patching.state_at(no_b.traces[layer], T - 2),
                                                  freeze="state" if direct else None)
-                means.add(("state", layer), logits, batch["b"])
+                means.add(("state", layer), logits, batch["b"], ref)
             bar.update(len(batch["b"]))
-        result.clean["state->logit"] = means.clean("clean state")
+        result.clean["state->logit"] = means.clean("clean state", chance)
         result.rows["state->logit"] = means.rows([("state", i) for i in range(L)], result.clean["state->logit"]["p_B"],
                                                  lambda k: f"layer {k[1]}")
         conv_layers = (parse_layers(cfg.conv_layers, L) if cfg.conv_layers != "auto" else
@@ -83,21 +84,25 @@ def mamba_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) ->
             clean = patching.mamba_trace(model, batch["clean"], [T - 2, T - 1])
             no_a = patching.mamba_trace(model, batch["no_a"], [T - 1])
             no_ab = patching.mamba_trace(model, batch["no_ab"], [])
-            means.add("clean", clean.logits, batch["b"])
+            ref = means.add("clean", clean.logits, batch["b"])
             for layer in range(L):
                 logits = patching.last_position(model, clean, layer, y_ssm=patching.readout(no_a.traces[layer], T - 1),
                                                 freeze="y" if direct else None)
-                means.add(("y", layer), logits, batch["b"])
+                means.add(("y", layer), logits, batch["b"], ref)
             for layer in conv_layers:
                 for key, logits in _conv_patches(model, clean, no_ab, layer, batch["s"], cfg):
-                    means.add(key, logits, batch["b"])
+                    means.add(key, logits, batch["b"], ref)
                     conv_keys += [key] if key not in conv_keys else []
             bar.update(len(batch["b"]))
-    clean = result.clean["y->logit"] = result.clean["conv->state->logit"] = means.clean("clean")
+    clean = result.clean["y->logit"] = result.clean["conv->state->logit"] = means.clean("clean", chance)
     result.clean_p, result.clean_logit = clean["p_B"], clean["logit_B"]
     result.rows["y->logit"] = means.rows([("y", i) for i in range(L)], clean["p_B"], lambda k: f"layer {k[1]}")
     result.rows["conv->state->logit"] = means.rows(conv_keys, clean["p_B"], _conv_label)
     return result
+
+
+def _p_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), -1)[torch.arange(len(target), device=logits.device), target]
 
 
 def _conv_label(key) -> str:
@@ -136,6 +141,7 @@ def _conv_patches(model, clean, corrupted, layer: int, s: torch.Tensor, cfg: Cir
 @torch.no_grad()
 def neox_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> CircuitResult:
     data = induction_data(lm, cfg)
+    chance = 1 / len(token_ids(lm))
     L, H, T = lm.n_layers, lm.model.config.num_attention_heads, cfg.seq_len
     direct = cfg.effect == "direct"
     means = Means()
@@ -144,16 +150,16 @@ def neox_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> 
         for batch in batches(data, cfg.batch, lm.device):
             last = torch.full_like(batch["s"], T - 1)
             with patching.neox_heads(lm, capture={layer: last for layer in range(L)}) as z_clean:
-                means.add("clean", lm.logits(batch["clean"])[:, -1], batch["b"])
+                ref = means.add("clean", lm.logits(batch["clean"])[:, -1], batch["b"])
             with patching.neox_heads(lm, capture={layer: last for layer in range(L)}) as z_rand:
                 lm.logits(batch["random"])
             freeze = {layer: (last, z_clean[layer]) for layer in range(L)} if direct else None
             for layer in range(L):
                 for head in range(H):
                     with patching.neox_heads(lm, patch={(layer, head): (last, z_rand[layer][:, head])}, freeze=freeze):
-                        means.add((layer, head), lm.logits(batch["clean"])[:, -1], batch["b"])
+                        means.add((layer, head), lm.logits(batch["clean"])[:, -1], batch["b"], ref)
             bar.update(len(batch["b"]))
-        clean = means.clean("clean")
+        clean = means.clean("clean", chance)
         result = CircuitResult("induction", "gpt_neox", lm.source.name, dataclasses.asdict(cfg), clean["p_B"],
                                clean["logit_B"], clean={"head->logit": clean})
         result.rows["head->logit"] = means.rows([(l, h) for l in range(L) for h in range(H)], clean["p_B"],
@@ -173,7 +179,7 @@ def neox_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> 
             with patching.neox_heads(lm, capture={layer: s1 for layer in earlier}) as z_clean_s1:
                 lm.logits(batch["clean"])
             with patching.neox_heads(lm, capture={layer: last for layer in range(L)}) as z_clean:
-                lm.logits(batch["clean"])
+                ref = _p_of(lm.logits(batch["clean"])[:, -1], batch["b"])
             freeze_s1 = {layer: (s1, z_clean_s1[layer]) for layer in earlier} if direct else None
             freeze_last = {layer: (last, z_clean[layer]) for layer in range(L)} if direct else None
             for layer in earlier:
@@ -182,7 +188,7 @@ def neox_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> 
                                              freeze=freeze_s1) as z_ind:
                         lm.logits(batch["clean"])
                     with patching.neox_heads(lm, patch={ind: (last, z_ind[ind[0]][:, ind[1]])}, freeze=freeze_last):
-                        comp.add((layer, head), lm.logits(batch["clean"])[:, -1], batch["b"])
+                        comp.add((layer, head), lm.logits(batch["clean"])[:, -1], batch["b"], ref)
             bar.update(len(batch["b"]))
     name = f"head->L{ind[0]}H{ind[1]} (K-composition)"
     result.clean[name] = clean

@@ -95,7 +95,7 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
         for batch in batches(data, cfg.batch, lm.device):
             clean = patching.mamba_trace(lm.model, batch["clean"], [T - 2, T - 1])
             corr = patching.mamba_trace(lm.model, batch["corrupted"], [])
-            means.add("clean", clean.logits, batch["b"])
+            ref = means.add("clean", clean.logits, batch["b"])
             decay, write = patching.writes(mixer, clean.traces[chosen])
             decay_corr, write_corr = patching.writes(mixer, corr.traces[chosen])
             for p in POSITIONS:
@@ -104,28 +104,29 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
                 if cfg.swap_decay:
                     d[:, p] = decay_corr[:, p + 1]
                 h = patching.rebuilt_last_state(d, w)
-                means.add(p, patching.last_position(lm.model, clean, chosen, state_last=h, freeze=freeze), batch["b"])
+                means.add(p, patching.last_position(lm.model, clean, chosen, state_last=h, freeze=freeze), batch["b"],
+                          ref)
     else:
         head = parse_head(cfg.head, lm) if cfg.head else tuple(
             int(v) for v in _top(run_induction(lm, ind_cfg, cache_dir, progress=progress), "head->logit")[1:].split("H"))
         component = f"L{head[0]}H{head[1]} keys and values"
         for batch in batches(data, cfg.batch, lm.device):
-            means.add("clean", lm.logits(batch["clean"])[:, -1], batch["b"])
+            ref = means.add("clean", lm.logits(batch["clean"])[:, -1], batch["b"])
             for p in POSITIONS:
                 pos = torch.full_like(batch["b"], p)
                 kv = {}
                 with patching.neox_keys_values(lm, head[0], head[1], pos, store=kv):
                     lm.logits(batch["corrupted"])
                 with patching.neox_keys_values(lm, head[0], head[1], pos, values=kv["kv"]):
-                    means.add(p, lm.logits(batch["clean"])[:, -1], batch["b"])
-    clean = means.clean("clean")
+                    means.add(p, lm.logits(batch["clean"])[:, -1], batch["b"], ref)
+    clean = means.clean("clean", 1 / len(token_ids(lm)))
     result = CircuitResult("offbyone", lm.family, lm.source.name, {**asdict(cfg), "component": component},
                            clean["p_B"], clean["logit_B"], clean={TABLE: clean})
     rows = []
     for p in POSITIONS:
         pp, lg = means.get(p)
         rows.append({"position": p, "component": component, "delta_logit_B": lg - clean["logit_B"],
-                     "delta_p_B": pp - clean["p_B"]})
+                     "delta_p_B": pp - clean["p_B"], "delta_p_B_ci": means.half_width(p)})
     result.rows[TABLE] = rows
     result.save(path)
     return result
