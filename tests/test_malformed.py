@@ -125,3 +125,16 @@ def test_a_model_folder_without_its_tokenizer_is_named(assets, tmp_path, capsys)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(assets["neox"] / name, folder / name)
     assert_one_line_error(*run(capsys, *_cache(assets, tmp_path, model=folder)), "has no tokenizer")
+
+
+def test_a_known_model_out_of_reach_blames_the_hub_not_the_name(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("EleutherAI/pythia-160m", "config.json"), str):
+        pytest.skip("pythia-160m is in this machine's Hugging Face cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run(capsys, "cache", "-m", "pythia-160m", "--tokens", "100", "--cache-dir", tmp_path)
+    assert_one_line_error(code, out, err, "the Hub could not be reached")
+    assert "check the name" not in err
+    code, out, err = run(capsys, "cache", "-m", "someone/no-such-model", "--tokens", "100", "--cache-dir", tmp_path)
+    assert_one_line_error(code, out, err, "check the name")

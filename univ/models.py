@@ -100,6 +100,11 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, what: str) -> P
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except _hub_errors() as e:
         reason = type(e).__name__
+        if repo_id in ALIASES.values():  # a name univ knows: the Hub, not the name, is the problem
+            raise UnivError(
+                f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub could not be reached "
+                f"({reason}); connect to the Hub once, or pass a local folder (HF_HUB_OFFLINE=1 skips the Hub)"
+            ) from None
         raise UnivError(
             f"{what} {repo_id!r} is not a local directory and could not be fetched from the "
             f"Hugging Face Hub ({reason}); check the name, or download it and pass its folder"
