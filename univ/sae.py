@@ -174,7 +174,7 @@ class SAE(nn.Module):
             data = (directory / "sae.safetensors").read_bytes()
         except (OSError, ValueError, TypeError) as e:
             raise UnivError(f"cannot load an SAE from {directory}: {e}") from None
-        if cfg.weights_sha256 is not None and hashlib.sha256(data).hexdigest() != cfg.weights_sha256:
+        if cfg.weights_sha256 is not None and _digest(directory / "sae.safetensors", data) != cfg.weights_sha256:
             raise UnivError(f"{directory / 'sae.safetensors'} is corrupt (sha256 differs from cfg.json); "
                             "fit-sae trains it again")
         try:
@@ -190,10 +190,22 @@ class SAE(nn.Module):
         """A finished SAE whose weights match the sha256 its cfg.json recorded."""
         cfg = files.read_json(Path(directory) / "cfg.json")
         try:
-            data = (Path(directory) / "sae.safetensors").read_bytes()
+            return isinstance(cfg, dict) and cfg.get("weights_sha256") == _digest(Path(directory) / "sae.safetensors")
         except OSError:
             return False
-        return isinstance(cfg, dict) and cfg.get("weights_sha256") == hashlib.sha256(data).hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path, data: bytes | None = None) -> str:
+    """sha256 of a file, hashed once per process while its size and mtime stay the same (univ all
+    checks every SAE several times: fit-sae, then each comparison of match)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes() if data is None else data).hexdigest()
+    return _DIGESTS[key]
 
 
 @torch.no_grad()
