@@ -51,12 +51,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = 300):
                                    eos_token="<|endoftext|>", pad_token="<|padding|>")
 
 
-def build_neox(path, tokenizer, layers=2, seed=0):
+def build_neox(path, tokenizer, layers=2, seed=0, max_positions=64):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25,
+                        intermediate_size=64, max_position_embeddings=max_positions, rotary_pct=0.25,
                         bos_token_id=0, eos_token_id=0)
     GPTNeoXForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)

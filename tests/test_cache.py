@@ -119,7 +119,7 @@ def test_models_with_different_tokenizers_cannot_share_a_token_store(assets, tmp
 
 def _cache_cmd(model: Path, corpus: Path, cache_dir: Path) -> list[str]:
     return [sys.executable, str(ROOT / "univ.py"), "cache", "-m", str(model), "--dataset", str(corpus),
-            "--tokens", "1500", "--ctx-len", "16", "--chunk-tokens", "16", "--batch-size", "1",
+            "--tokens", "1500", "--ctx-len", "16", "--chunk-tokens", "16", "--batch-contexts", "1",
             "--cache-dir", str(cache_dir), "--format", "json"]
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from conftest import build_mamba, build_neox
 from univ import models, patching
-from univ.circuit import CircuitConfig
+from univ.circuit import CircuitConfig, CircuitResult
 from univ.induction import induction_data, run_induction
-from univ.offbyone import run_offbyone
+from univ.offbyone import NothingToFollow, followed, run_offbyone
 
 from test_cli import assert_one_line_error, run
 
@@ -244,14 +244,35 @@ def test_mamba_induction_finds_the_planted_layer(planted, tmp_path):
 
 
 def test_offbyone_shift_in_mamba_and_none_in_gpt_neox(planted, tmp_path):
-    mamba = run_offbyone(models.load(planted["mamba"], device="cpu"), CircuitConfig(**CFG), tmp_path)
-    neox = run_offbyone(models.load(planted["neox"], device="cpu"), CircuitConfig(**CFG), tmp_path)
+    # The planted components move B's logit but barely p(B) (random weights), so they are named.
+    mamba = run_offbyone(models.load(planted["mamba"], device="cpu"), CircuitConfig(**CFG), tmp_path, layer="1")
+    neox = run_offbyone(models.load(planted["neox"], device="cpu"), CircuitConfig(**CFG, head="1.2"), tmp_path)
     for result, expected in ((mamba, 2), (neox, 1)):
         deltas = {r["position"]: abs(r["delta_logit_B"]) for r in result.rows["write at position p corrupted"]}
         assert deltas[expected] > 1e-4, deltas
         assert all(d < 1e-6 for p, d in deltas.items() if p != expected), deltas
     assert mamba.config["component"] == "layer 1"
     assert neox.config["component"] == "L1H2 keys and values"
+
+
+def test_offbyone_follows_only_a_component_that_stands_out(planted, tmp_path, capsys):
+    # On the planted Mamba no layer lowers p(B) beyond its interval: nothing is followed.
+    with pytest.raises(NothingToFollow, match="give --layer"):
+        run_offbyone(models.load(planted["mamba"], device="cpu"), CircuitConfig(**CFG), tmp_path)
+    assert_one_line_error(*run(capsys, "offbyone", "-m", planted["mamba"], "--n-seqs", "24", "--device", "cpu",
+                               "--cache-dir", tmp_path), "lowers p(B) beyond its 95 % interval")
+
+    def row(component, drop, stands_out):
+        return {"component": component, "drop": drop, "drop_ci": 0.01, "stands_out": stands_out}
+
+    result = CircuitResult("induction", "gpt_neox", "m", {}, 0.5, 1.0, rows={"head->logit": [
+        row("L0H1", 0.4, True),     # layer 0: cannot be an induction head
+        row("L2H0", -0.3, True),    # raises p(B)
+        row("L3H1", 0.2, False),    # within its interval
+        row("L1H3", 0.1, True),
+        row("L4H2", 0.05, True),
+    ]})
+    assert followed(result, "head->logit") == "L1H3"
 
 
 def test_neox_induction_finds_the_planted_head(planted, tmp_path):
@@ -270,7 +291,8 @@ def test_neox_induction_finds_the_planted_head(planted, tmp_path):
 
 def test_circuit_clis_side_by_side_and_cached(planted, tmp_path, capsys):
     common = ["--n-seqs", "12", "--seq-len", "16", "--device", "cpu", "--cache-dir", tmp_path, "--format", "json"]
-    code, out, err = run(capsys, "offbyone", "-m", planted["neox"], "-m", planted["mamba"], *common)
+    code, out, err = run(capsys, "offbyone", "-m", planted["neox"], "-m", planted["mamba"], "--layer", "1",
+                         "--head", "1.2", *common)
     assert code == 0, err
     table = json.loads(out)["off-by-one (B at position 1)"]
     assert [row["position"] for row in table] == [1, 2, 3, 4]

@@ -26,11 +26,14 @@ def cache_args(assets, tmp_path, *extra, model="mamba"):
 
 
 def assert_one_line_error(code, out, err, fragment):
+    """The README's rule: one error line, the last on stderr; before it only univ's own log lines
+    (stage starts, warnings), never a traceback."""
     assert code != 0
     assert out == ""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("univ: error:"), err
-    assert fragment in lines[0], lines[0]
+    assert lines and lines[-1].startswith("univ: error:"), err
+    assert all(line.startswith(("univ: info:", "univ: warning:")) for line in lines[:-1]), err
+    assert fragment in lines[-1], lines[-1]
 
 
 def test_launcher_help():
@@ -111,9 +114,9 @@ def test_a_run_logged_to_a_file_reports_its_progress(assets, tmp_path, capsys, m
     code, out, err = run(capsys, *cache_args(assets, tmp_path, "--format", "json"))
     assert code == 0, err
     lines = [line for line in err.splitlines() if "cache tiny-mamba:" in line]
-    assert all(line.startswith("univ: INFO: cache tiny-mamba: ") for line in lines)
+    assert all(line.startswith("univ: info: cache tiny-mamba: ") for line in lines)
     assert "(100.0%)" in lines[-2] and " tok/s, " in lines[-2] and " left" in lines[-2]
-    assert lines[-1] == "univ: INFO: cache tiny-mamba: done, 400 tok in 0m00s"
+    assert lines[-1] == "univ: info: cache tiny-mamba: done, 400 tok in 0m00s"
 
 
 def test_version_and_bare_univ(capsys):
@@ -143,3 +146,27 @@ def test_csv_holds_one_table_that_a_csv_reader_loads(assets, tmp_path, capsys):
 def test_help_shows_flags_as_flags(capsys):
     code, out, _ = run(capsys, "cache", "--help")
     assert code == 0 and "--force" in out and "<bool>" not in out
+
+
+def test_one_vocabulary_across_commands():
+    """Every command that reads a corpus takes the same corpus options with the same defaults (so each
+    finds the token store the others made), and no flag name means two things."""
+    import typer
+
+    from univ.cli import app
+
+    commands = typer.main.get_command(app).commands
+    options = {name: {opt: p for p in cmd.params for opt in p.opts} for name, cmd in commands.items()}
+    corpus = ["--dataset", "--split", "--dataset-revision", "--text-field", "--data-seed", "--chunk-tokens",
+              "--batch-contexts", "--centre", "--cpu-scan", "--device", "--cache-dir"]
+    for flag in corpus:
+        defaults = {name: options[name][flag].default for name in ("cache", "fit-sae", "match", "all")}
+        assert len(set(map(str, defaults.values()))) == 1, (flag, defaults)
+    for flag in ("--tokens", "--ctx-len"):
+        assert len({str(options[name][flag].default) for name in ("cache", "fit-sae", "match")}) == 1, flag
+    for flag in ("--sae-seed", "--sae-batch-size", "--sae-train-tokens", "--sae-eval-tokens"):
+        assert all(flag in options[name] for name in ("fit-sae", "match", "all")), flag
+    for flag in ("--seq-seed", "--batch-seqs"):
+        assert all(flag in options[name] for name in ("induction", "offbyone")), flag
+    for name, opts in options.items():
+        assert not {"--seed", "--batch-size", "--train-tokens", "--eval-tokens"} & set(opts), name

@@ -105,7 +105,7 @@ def test_loss_recovered_is_one_for_identity_and_zero_for_zero(assets, tmp_path):
 @pytest.mark.parametrize("family", ["neox", "mamba"])
 def test_fit_sae_cli_streams_every_layer_then_hits(assets, tmp_path, capsys, monkeypatch, family):
     args = ["fit-sae", "-m", assets[family], "--dataset", assets["big_corpus"], "--tokens", "3000", "--ctx-len", "24",
-            "--expansion", "2", "--batch-size", "128", "--eval-tokens", "1000", "--train-tokens", "6400",
+            "--expansion", "2", "--sae-batch-size", "128", "--sae-eval-tokens", "1000", "--sae-train-tokens", "6400",
             "--window-rows", "1024", "--arch", "topk", "--k", "4", "--cache-dir", tmp_path / "cache", "--format", "json"]
     code, _, err = run(capsys, "cache", "-m", assets[family], "--dataset", assets["big_corpus"], "--tokens", "3000",
                        "--ctx-len", "24", "--cache-dir", tmp_path / "cache")
@@ -137,7 +137,7 @@ def test_fit_sae_bad_inputs(assets, tmp_path, capsys):
     intstore = Store.open_or_create(tmp_path / "ints", "acts", {"layer": 0})
     intstore.write_chunk(0, {"acts": torch.zeros(50, 4, dtype=torch.int32)}, rows=50)
     intstore.set_complete(True)
-    base = ["fit-sae", "--acts", tmp_path / "store", "--cache-dir", tmp_path / "c", "--batch-size", "256"]
+    base = ["fit-sae", "--acts", tmp_path / "store", "--cache-dir", tmp_path / "c", "--sae-batch-size", "256"]
     cases = [
         (["fit-sae", "--cache-dir", tmp_path / "c"], "give either --model"),
         (["fit-sae", "--acts", tmp_path / "nowhere"], "does not exist"),

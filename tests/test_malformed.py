@@ -57,7 +57,7 @@ def _cache(assets, tmp_path, *extra, model=None, dataset=None):
 
 def _fit(assets, tmp_path, *extra):
     return ["fit-sae", "-m", assets["neox"], "--dataset", assets["big_corpus"], "--tokens", "500", "--ctx-len", "24",
-            "--train-tokens", "1024", "--batch-size", "128", "--eval-tokens", "300", "--cache-dir", tmp_path / "c", *extra]
+            "--sae-train-tokens", "1024", "--sae-batch-size", "128", "--sae-eval-tokens", "300", "--cache-dir", tmp_path / "c", *extra]
 
 
 CASES = {
@@ -75,9 +75,9 @@ CASES = {
     "expansion nan": (lambda a, b, t: _fit(a, t, "--expansion", "nan"), "--expansion"),
     "lr -1": (lambda a, b, t: _fit(a, t, "--lr", "-1"), "--lr"),
     "lr nan": (lambda a, b, t: _fit(a, t, "--lr", "nan"), "--lr"),
-    "seed 2**64": (lambda a, b, t: _fit(a, t, "--seed", str(2**64)), "--seed"),
-    "induction batch 0": (lambda a, b, t: ["induction", "-m", a["neox"], "--batch-size", "0", "--device", "cpu",
-                                           "--cache-dir", t], "--batch-size"),
+    "seed 2**64": (lambda a, b, t: _fit(a, t, "--sae-seed", str(2**64)), "--sae-seed"),
+    "induction batch 0": (lambda a, b, t: ["induction", "-m", a["neox"], "--batch-seqs", "0", "--device", "cpu",
+                                           "--cache-dir", t], "--batch-seqs"),
 }
 
 

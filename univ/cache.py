@@ -361,7 +361,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     if cfg.ctx_len < 2:
         raise UnivError(f"--ctx-len must be at least 2 (BOS and one token), not {cfg.ctx_len}")
     if cfg.batch_size < 1:
-        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+        raise UnivError(f"--batch-contexts must be at least 1, not {cfg.batch_size}")
     if not cfg.models:
         raise UnivError("give at least one --model")
     if cfg.hook not in HOOKS:

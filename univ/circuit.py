@@ -82,7 +82,7 @@ def check(cfg: CircuitConfig, lm: models.LM, min_len: int = 4) -> None:
     if cfg.state_seqs is not None and cfg.state_seqs < 1:
         raise UnivError(f"--state-seqs must be at least 1, not {cfg.state_seqs}")
     if cfg.batch < 1:
-        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch}")
+        raise UnivError(f"--batch-seqs must be at least 1, not {cfg.batch}")
     if cfg.effect not in EFFECTS:
         raise UnivError(f"unknown --effect {cfg.effect!r} (use {' or '.join(EFFECTS)})")
     if lm.family == "mamba" and cfg.head is not None:

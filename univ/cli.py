@@ -18,6 +18,7 @@ try:  # typer >= 0.2x bundles its own click; older typer uses click's exceptions
 except ImportError:
     from click import ClickException as _UsageError
 
+from . import flags
 from .errors import UnivError
 from .options import parse_count
 from .tables import Format, render
@@ -36,18 +37,8 @@ FormatOpt = typer.Option(Format.github, "--format", help="Table format on stdout
 
 def TableOpt(names: str):
     return typer.Option(None, "--table", help=f"Print only this table ({names}); csv and tsv need one.")
-CacheDirOpt = typer.Option(Path("univ-cache"), "--cache-dir", envvar="UNIV_CACHE", help="Cache root.")
-DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N.")
-DtypeOpt = typer.Option("auto", "--dtype", help="Forward dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
-StoreDtypeOpt = typer.Option("auto", "--store-dtype", help="Dtype the activations are stored in: auto (the forward dtype), bf16, fp16, fp32.")
-CpuScanOpt = typer.Option(
-    "eager", "--cpu-scan",
-    help="Mamba on the CPU: eager (PyTorch) or compiled (torch.compile, faster scans, last bits differ); part of the cache key.")
-CentreOpt = typer.Option(
-    "layernorm", "--centre",
-    help="layernorm: store the residual stream of models that read it through LayerNorm (GPT-NeoX) minus its "
-         "per-token mean, as TransformerLens caches it (the authors'); none: as computed.")
-DEFAULT_DATASET = "Skylion007/openwebtext"
+
+
 FeatureScaleOpt = typer.Option(
     "raw", "--feature-scale",
     help="SAE features correlated in the activations' own scale, encode(x)*|x|/sqrt(d) (raw: the authors'), "
@@ -88,6 +79,13 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _Formatter(logging.Formatter):
+    """'univ: info: ...', 'univ: warning: ...': the same shape as 'univ: error: ...'."""
+
+    def format(self, record):
+        return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -103,46 +101,54 @@ def _setup(
     log = logging.getLogger("univ")
     if not log.handlers:
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("univ: %(levelname)s: %(message)s"))
+        handler.setFormatter(_Formatter("univ: %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _data(models: list[str], dataset, split, dataset_revision, text_field, data_seed, tokens, ctx_len, chunk_tokens,
+          **how):
+    """The CacheConfig of a command's corpus options (the same for every command that reads one);
+    without ``tokens`` the window is left to the caller (`univ all`'s preset)."""
+    from .cache import CacheConfig
+
+    window = {} if tokens is None else {"tokens": parse_count(tokens, "--tokens"), "ctx_len": ctx_len}
+    return CacheConfig(models=models, dataset=dataset, split=split, dataset_revision=dataset_revision,
+                       text_field=text_field, seed=data_seed, chunk_tokens=parse_count(chunk_tokens, "--chunk-tokens"),
+                       **window, **how)
 
 
 @app.command()
 @user_errors
 def cache(
     model: list[str] = typer.Option(..., "--model", "-m", help="Model alias, Hub id or local folder; repeat to cache several models over the same tokens."),
-    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Hugging Face dataset name, or a local .txt/.jsonl/.parquet file or folder."),
-    tokens: str = typer.Option("1M", "--tokens", help="Kept tokens per store: 10000, 250k, 1M."),
-    ctx_len: int = typer.Option(1024, "--ctx-len", help="Tokens per context, BOS included."),
-    layers: str = typer.Option("all", "--layers", help="'all' or e.g. '0,3,5-7'."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Contexts per forward pass."),
-    dtype: str = DtypeOpt,
-    store_dtype: str = StoreDtypeOpt,
-    centre: str = CentreOpt,
-    cpu_scan: str = CpuScanOpt,
-    device: str = DeviceOpt,
-    seed: int = typer.Option(42, "--seed", help="Seed of the document order."),
-    split: str = typer.Option("train", "--split", help="Dataset split (Hugging Face datasets)."),
-    dataset_revision: str = typer.Option(None, "--dataset-revision", help="Dataset revision on the Hub, e.g. refs/convert/parquet."),
-    text_field: str = typer.Option("text", "--text-field", help="Field holding the text."),
-    chunk_tokens: str = typer.Option("65536", "--chunk-tokens", help="Context tokens per chunk file (the unit of resumption); part of the token store's key, so the other commands' 65536 finds the same store."),
+    dataset: str = flags.Dataset,
+    split: str = flags.Split,
+    dataset_revision: str = flags.DatasetRevision,
+    text_field: str = flags.TextField,
+    data_seed: int = flags.DataSeed,
+    tokens: str = flags.Tokens,
+    ctx_len: int = flags.CtxLen,
+    chunk_tokens: str = flags.ChunkTokens,
+    layers: str = typer.Option("all", "--layers", help="'all', '-1' (the last) or e.g. '0,3,5-7'."),
+    batch_contexts: int = flags.BatchContexts,
+    dtype: str = flags.Dtype,
+    store_dtype: str = flags.StoreDtype,
+    centre: str = flags.Centre,
+    cpu_scan: str = flags.CpuScan,
+    device: str = flags.Device,
     hook: str = typer.Option("resid_post", "--hook", help="resid_post (residual stream after each block) or neurons."),
-    cache_dir: Path = CacheDirOpt,
+    cache_dir: Path = flags.CacheDir,
     force: bool = typer.Option(False, "--force", help="Recompute the activation stores."),
     fmt: Format = FormatOpt,
 ) -> None:
     """Cache residual-stream activations of one or more models over one shared token store."""
-    from .cache import CacheConfig, run_cache
+    from .cache import run_cache
 
-    cfg = CacheConfig(
-        models=model, dataset=dataset, tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len,
-        layers=layers, batch_size=batch_size, dtype=dtype, store_dtype=store_dtype, centre=centre, cpu_scan=cpu_scan,
-        device=device, seed=seed, split=split,
-        dataset_revision=dataset_revision, text_field=text_field, chunk_tokens=parse_count(chunk_tokens, "--chunk-tokens"),
-        cache_dir=cache_dir, force=force, hook=hook,
-    )
+    cfg = _data(model, dataset, split, dataset_revision, text_field, data_seed, tokens, ctx_len, chunk_tokens,
+                layers=layers, batch_size=batch_contexts, dtype=dtype, store_dtype=store_dtype, centre=centre,
+                cpu_scan=cpu_scan, device=device, cache_dir=cache_dir, force=force, hook=hook)
     result = run_cache(cfg)
     typer.echo(render({"cache": [r._asdict() for r in result.models]}, fmt))
 
@@ -152,48 +158,55 @@ def cache(
 def fit_sae(
     model: str = typer.Option(None, "--model", "-m", help="Train on activations streamed off this model (the documents after the MPPC window and the held-out rows)."),
     acts: Path = typer.Option(None, "--acts", help="Or: an activation store folder (or a folder of them) in univ's format."),
-    layers: str = typer.Option("all", "--layers", help="'all' or e.g. '0,3,5-7'."),
-    arch: str = typer.Option("relu", "--arch", help="relu (ReLU + L1, the study's) or topk."),
-    expansion: float = typer.Option(32, "--expansion", help="d_sae = expansion x d_model."),
-    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
-    k: int = typer.Option(32, "--k", help="Active latents per token (topk)."),
+    layers: str = typer.Option("all", "--layers", help="'all', '-1' (the last) or e.g. '0,3,5-7'."),
+    arch: str = flags.Arch,
+    expansion: float = flags.Expansion,
+    l1: float = flags.L1,
+    k: int = flags.K,
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 4e-4 relu, 2e-4/sqrt(d_sae/16384) topk)."),
-    train_tokens: str = typer.Option(None, "--train-tokens", help="Training tokens (default: 100M streamed with --model; the store's training rows once with --acts)."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="Rows per optimiser step."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the SAE initialisation and batch order."),
+    sae_train_tokens: str = flags.SaeTrainTokens,
+    sae_batch_size: int = flags.SaeBatchSize,
+    sae_eval_tokens: str = flags.SaeEvalTokens,
+    sae_seed: int = flags.SaeSeed,
     normalisation: str = typer.Option(None, "--normalisation", help="token, dataset or none (default: token for relu, dataset for topk)."),
     init_b_dec: str = typer.Option("zeros", "--init-b-dec", help="Decoder bias at initialisation: zeros (lm_saes') or geometric-median."),
-    eval_tokens: str = typer.Option("64k", "--eval-tokens", help="Held-out rows: documents after the MPPC window (--model), or the end of the store (--acts, at most a tenth)."),
     window_rows: str = typer.Option("256k", "--window-rows", help="Rows per shuffle window, which each batch is drawn from."),
     group_layers: int = typer.Option(None, "--group-layers", help="With --model: most layers per pass over the stream (default: as many as memory allows)."),
     memory_gb: float = typer.Option(None, "--memory-gb", help="With --model: memory for one group of layers (default: 90% of the GPU's free memory, half the RAM on a CPU)."),
     checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
-    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="With --model: the corpus."),
-    tokens: str = typer.Option("1M", "--tokens", help="With --model: kept tokens of the MPPC window, which training skips."),
-    ctx_len: int = typer.Option(1024, "--ctx-len", help="With --model: tokens per context."),
-    dtype: str = DtypeOpt,
-    centre: str = CentreOpt,
-    cpu_scan: str = CpuScanOpt,
-    device: str = DeviceOpt,
-    cache_dir: Path = CacheDirOpt,
+    dataset: str = flags.Dataset,
+    split: str = flags.Split,
+    dataset_revision: str = flags.DatasetRevision,
+    text_field: str = flags.TextField,
+    data_seed: int = flags.DataSeed,
+    tokens: str = flags.Tokens,
+    ctx_len: int = flags.CtxLen,
+    chunk_tokens: str = flags.ChunkTokens,
+    batch_contexts: int = flags.BatchContexts,
+    dtype: str = flags.Dtype,
+    centre: str = flags.Centre,
+    cpu_scan: str = flags.CpuScan,
+    device: str = flags.Device,
+    cache_dir: Path = flags.CacheDir,
     force: bool = typer.Option(False, "--force", help="Retrain even when a finished SAE exists."),
     fmt: Format = FormatOpt,
 ) -> None:
-    """Train one sparse autoencoder per layer and print its held-out quality."""
-    from .cache import CacheConfig
-    from .fit import FitConfig, run_fit
+    """Train one sparse autoencoder per layer and print its held-out quality.
 
-    cfg = FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, lr=lr,
-                    train_tokens=parse_count(train_tokens, "--train-tokens") if train_tokens else None,
-                    batch_size=batch_size, seed=seed, normalisation=normalisation, init_b_dec=init_b_dec,
-                    eval_tokens=parse_count(eval_tokens, "--eval-tokens"),
-                    window_rows=parse_count(window_rows, "--window-rows"), group_layers=group_layers,
-                    memory_gb=memory_gb, checkpoint_minutes=checkpoint_minutes, device=device, force=force)
+    With --model the corpus options say where the MPPC window lies (training skips it); with --acts
+    they are not used."""
+    from .fit import run_fit
+
+    cfg = _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, sae_seed, device,
+                       lr=lr, normalisation=normalisation, init_b_dec=init_b_dec,
+                       window_rows=parse_count(window_rows, "--window-rows"), batch_contexts=batch_contexts,
+                       group_layers=group_layers, memory_gb=memory_gb, checkpoint_minutes=checkpoint_minutes,
+                       force=force)
     cache_cfg = None
     if model is not None:
-        cache_cfg = CacheConfig(models=[model], dataset=dataset, tokens=parse_count(tokens, "--tokens"),
-                                ctx_len=ctx_len, dtype=dtype, centre=centre, cpu_scan=cpu_scan, device=device,
-                                cache_dir=cache_dir)
+        cache_cfg = _data([model], dataset, split, dataset_revision, text_field, data_seed, tokens, ctx_len,
+                          chunk_tokens, batch_size=batch_contexts, dtype=dtype, centre=centre, cpu_scan=cpu_scan,
+                          device=device, cache_dir=cache_dir)
     results = run_fit(cfg, layers, cache_dir, cache_cfg=cache_cfg, acts=acts)
     rows = [r._asdict() for r in results]
     if fmt is not Format.json:
@@ -201,12 +214,12 @@ def fit_sae(
     typer.echo(render({"fit-sae": rows}, fmt))
 
 
-def _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, seed, device):
+def _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, sae_seed, device, **more):
     from .fit import FitConfig
 
-    return FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, batch_size=sae_batch_size, seed=seed, device=device,
+    return FitConfig(arch=arch, expansion=expansion, l1=l1, k=k, batch_size=sae_batch_size, seed=sae_seed, device=device,
                      train_tokens=parse_count(sae_train_tokens, "--sae-train-tokens") if sae_train_tokens else None,
-                     eval_tokens=parse_count(sae_eval_tokens, "--sae-eval-tokens"))
+                     eval_tokens=parse_count(sae_eval_tokens, "--sae-eval-tokens"), **more)
 
 
 @app.command()
@@ -225,42 +238,48 @@ def match(
     skyline: list[str] = typer.Option([], "--skyline", help="sae-seed, model-seed (repeatable)."),
     neurons: bool = typer.Option(False, "--neurons", help="Also match neurons (MLP / conv+gate activations)."),
     neuron_tokens: str = typer.Option("100k", "--neuron-tokens", help="Window of the neuron comparisons."),
-    tokens: str = typer.Option("1M", "--tokens", help="Window: tokens cached and correlated."),
     dead_as_zero: bool = typer.Option(False, "--dead-as-zero", help="Count never-firing features as 0 (the authors' clamp) instead of leaving them out."),
     feature_scale: str = FeatureScaleOpt,
     table: str = TableOpt("summary, per-layer, depth"),
-    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus of the shared token store."),
-    ctx_len: int = typer.Option(1024, "--ctx-len", help="Tokens per context."),
-    arch: str = typer.Option("relu", "--arch", help="SAE architecture for SAEs fitted on the way."),
-    expansion: float = typer.Option(32, "--expansion", help="SAE width / d_model."),
-    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
-    k: int = typer.Option(32, "--k", help="Active latents (topk)."),
-    sae_train_tokens: str = typer.Option(None, "--sae-train-tokens", help="SAE training tokens, streamed from the documents after the window (default: 100M)."),
-    sae_batch_size: int = typer.Option(4096, "--sae-batch-size", help="SAE batch size."),
-    sae_eval_tokens: str = typer.Option("64k", "--sae-eval-tokens", help="SAE held-out rows (documents after the window)."),
-    seed: int = typer.Option(42, "--seed", help="SAE seed (the sae-seed skyline uses seed + 1)."),
-    dtype: str = DtypeOpt,
-    store_dtype: str = StoreDtypeOpt,
-    centre: str = CentreOpt,
-    cpu_scan: str = CpuScanOpt,
-    device: str = DeviceOpt,
-    cache_dir: Path = CacheDirOpt,
+    arch: str = flags.Arch,
+    expansion: float = flags.Expansion,
+    l1: float = flags.L1,
+    k: int = flags.K,
+    sae_train_tokens: str = flags.SaeTrainTokens,
+    sae_batch_size: int = flags.SaeBatchSize,
+    sae_eval_tokens: str = flags.SaeEvalTokens,
+    sae_seed: int = flags.SaeSeed,
+    dataset: str = flags.Dataset,
+    split: str = flags.Split,
+    dataset_revision: str = flags.DatasetRevision,
+    text_field: str = flags.TextField,
+    data_seed: int = flags.DataSeed,
+    tokens: str = flags.Tokens,
+    ctx_len: int = flags.CtxLen,
+    chunk_tokens: str = flags.ChunkTokens,
+    batch_contexts: int = flags.BatchContexts,
+    dtype: str = flags.Dtype,
+    store_dtype: str = flags.StoreDtype,
+    centre: str = flags.Centre,
+    cpu_scan: str = flags.CpuScan,
+    device: str = flags.Device,
+    cache_dir: Path = flags.CacheDir,
     fmt: Format = FormatOpt,
 ) -> None:
     """MPPC between two models' SAE features, both ways, the depth map, baselines and skylines."""
-    from .cache import CacheConfig
     from .match import MatchConfig
     from .match_stage import MatchRequest, run_match
 
-    window = parse_count(tokens, "--tokens")
+    data = _data([], dataset, split, dataset_revision, text_field, data_seed, tokens, ctx_len, chunk_tokens,
+                 batch_size=batch_contexts, dtype=dtype, store_dtype=store_dtype, centre=centre, cpu_scan=cpu_scan,
+                 device=device)
     req = MatchRequest(
         model_a=model_a, model_b=model_b, model_c=model_c, acts_a=acts_a, acts_b=acts_b, saes_a=saes_a, saes_b=saes_b,
         layers_a=layers_a, layers_b=layers_b, baselines=baseline, skylines=skyline, neurons=neurons,
         neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
-        data=CacheConfig(models=[], dataset=dataset, tokens=window, ctx_len=ctx_len, dtype=dtype,
-                         store_dtype=store_dtype, centre=centre, cpu_scan=cpu_scan, device=device),
-        fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, seed, device),
-        match=MatchConfig(tokens=window, dead_as_zero=dead_as_zero, feature_scale=feature_scale, device=device),
+        data=data,
+        fit=_sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_eval_tokens, sae_seed, device),
+        match=MatchConfig(tokens=data.tokens, dead_as_zero=dead_as_zero, feature_scale=feature_scale, device=device),
         cache_dir=cache_dir)
     results = run_match(req)
     main_result = results[0]
@@ -292,17 +311,17 @@ def induction(
     n_seqs: int = typer.Option(256, "--n-seqs", help="Random sequences averaged over (the authors: 65,536)."),
     state_seqs: int = typer.Option(None, "--state-seqs", help="Mamba state->logit: the first N sequences only (default: all; the authors: 2,048)."),
     seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sequence (the repeated A is the last)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),
-    batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
+    seq_seed: int = flags.SeqSeed,
+    batch_seqs: int = flags.BatchSeqs,
     effect: str = EffectOpt,
     conv_layers: str = typer.Option("auto", "--conv-layers", help="Mamba: layers given conv->state->logit, e.g. 12,17 (auto: the two largest state->logit drops)."),
     conv_cumulative: bool = typer.Option(False, "--conv-cumulative", help="Mamba: accumulate the conv input swaps (s+2, then s+1 too, then s) as the authors' script did."),
     head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head (5.0 or L5H0) for head->head (default: top head->logit)."),
     top: int = typer.Option(10, "--top", help="Rows shown per analysis (json: all)."),
     table: str = TableOpt("clean, state->logit, y->logit, conv->state->logit for Mamba; clean, head->logit, head->L5H0 (K-composition) for GPT-NeoX"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
-    device: str = DeviceOpt,
-    cache_dir: Path = CacheDirOpt,
+    dtype: str = flags.CircuitDtype,
+    device: str = flags.Device,
+    cache_dir: Path = flags.CacheDir,
     force: bool = typer.Option(False, "--force", help="Recompute even when cached."),
     fmt: Format = FormatOpt,
 ) -> None:
@@ -311,7 +330,7 @@ def induction(
     from .circuit import CircuitConfig
     from .induction import run_induction
 
-    cfg = CircuitConfig(n_seqs=n_seqs, state_seqs=state_seqs, seq_len=seq_len, seed=seed, batch=batch, device=device,
+    cfg = CircuitConfig(n_seqs=n_seqs, state_seqs=state_seqs, seq_len=seq_len, seed=seq_seed, batch=batch_seqs, device=device,
                         dtype=dtype, effect=effect, conv_layers=conv_layers, conv_cumulative=conv_cumulative, head=head)
     lm = models.load(model, device=device, dtype=dtype)
     r = run_induction(lm, cfg, cache_dir, force)
@@ -327,25 +346,27 @@ def induction(
 @user_errors
 def offbyone(
     model: list[str] = typer.Option(..., "--model", "-m", help="Model(s); repeat to put families side by side."),
-    layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: the state->logit layer of `univ induction` that moves p(B) most)."),
-    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head, 5.0 or L5H0 (default: the head->logit head of `univ induction` that moves p(B) most)."),
+    layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: the state->logit layer of `univ induction` that lowers p(B) most beyond its interval)."),
+    head: str = typer.Option(None, "--head", help="GPT-NeoX: the head, 5.0 or L5H0 (default: the head->logit head of `univ induction`, outside layer 0, that lowers p(B) most beyond its interval)."),
+    induction_seqs: int = typer.Option(None, "--induction-seqs", help="The induction run whose component is followed: its --n-seqs (default: univ induction's, 256)."),
+    induction_state_seqs: int = typer.Option(None, "--induction-state-seqs", help="The induction run followed: its --state-seqs."),
     n_seqs: int = typer.Option(128, "--n-seqs", help="Sequences averaged over."),
     seq_len: int = typer.Option(129, "--seq-len", help="Tokens per sequence: A, B, filler, A."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sequences."),
-    batch: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
+    seq_seed: int = flags.SeqSeed,
+    batch_seqs: int = flags.BatchSeqs,
     effect: str = EffectOpt,
     swap_decay: bool = typer.Option(False, "--swap-decay", help="Mamba: also take the decay from the corrupted run, at p+1, as the authors' notebook did."),
     table: str = TableOpt("clean, off-by-one"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (default), bf16, fp16."),
-    device: str = DeviceOpt,
-    cache_dir: Path = CacheDirOpt,
+    dtype: str = flags.CircuitDtype,
+    device: str = flags.Device,
+    cache_dir: Path = flags.CacheDir,
     force: bool = typer.Option(False, "--force", help="Recompute even when cached."),
     fmt: Format = FormatOpt,
 ) -> None:
     """The Off-by-One motif: change of B's logit when only the write at position p (B at 1) is corrupted."""
     from . import models
     from .circuit import CircuitConfig
-    from .offbyone import POSITIONS, TABLE, run_offbyone
+    from .offbyone import POSITIONS, TABLE, default_induction, run_offbyone
 
     results = []
     for name in model:
@@ -357,10 +378,11 @@ def offbyone(
             raise UnivError("--head is a GPT-NeoX option (attention heads); Mamba has none")
         if lm.family == "gpt_neox" and swap_decay and len(model) == 1:
             raise UnivError("--swap-decay is a Mamba option (the SSM's decay)")
-        cfg = CircuitConfig(n_seqs=n_seqs, seq_len=seq_len, seed=seed, batch=batch, device=device, dtype=dtype,
+        cfg = CircuitConfig(n_seqs=n_seqs, seq_len=seq_len, seed=seq_seed, batch=batch_seqs, device=device, dtype=dtype,
                             effect=effect, head=head if lm.family == "gpt_neox" else None,
                             swap_decay=swap_decay and lm.family == "mamba")
-        results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force))
+        followed = default_induction(cfg, induction_seqs, induction_state_seqs)
+        results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force, induction=followed))
     by_position = []
     for p in POSITIONS:
         row = {"position": p}
@@ -398,13 +420,20 @@ def all_(
     feature_scale: str = FeatureScaleOpt,
     state_seqs: int = typer.Option(None, "--state-seqs", help="Override: sequences of Mamba's state->logit."),
     offbyone_seqs: int = typer.Option(None, "--offbyone-seqs", help="Override: sequences of the off-by-one analysis."),
-    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Corpus."),
+    sae_seed: int = flags.SaeSeed,
+    dataset: str = flags.Dataset,
+    split: str = flags.Split,
+    dataset_revision: str = flags.DatasetRevision,
+    text_field: str = flags.TextField,
+    data_seed: int = flags.DataSeed,
+    chunk_tokens: str = flags.ChunkTokens,
+    batch_contexts: int = flags.BatchContexts,
     dtype: str = typer.Option(None, "--dtype", help="Override: forward dtype of caching (paper: fp32; else auto)."),
     store_dtype: str = typer.Option(None, "--store-dtype", help="Override: storage dtype of the activations (paper: bf16; else auto)."),
-    centre: str = CentreOpt,
-    cpu_scan: str = CpuScanOpt,
-    device: str = DeviceOpt,
-    cache_dir: Path = CacheDirOpt,
+    centre: str = flags.Centre,
+    cpu_scan: str = flags.CpuScan,
+    device: str = flags.Device,
+    cache_dir: Path = flags.CacheDir,
     out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
     table: str = TableOpt("summary; json also: run"),
     fmt: Format = FormatOpt,
@@ -419,10 +448,10 @@ def all_(
                      neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens") if neuron_tokens else None,
                      n_seqs=n_seqs, state_seqs=state_seqs, offbyone_seqs=offbyone_seqs, offbyone_len=offbyone_len,
                      neurons=neurons, dtype=dtype, store_dtype=store_dtype)
+    data = _data([], dataset, split, dataset_revision, text_field, data_seed, None, None, chunk_tokens,
+                 batch_size=batch_contexts, centre=centre, cpu_scan=cpu_scan, device=device, cache_dir=cache_dir)
     result = run_all(StudyConfig(model_a=model_a, model_b=model_b, model_c=model_c, preset=preset, overrides=overrides,
-                                 dataset=dataset, feature_scale=feature_scale, centre=centre, cpu_scan=cpu_scan,
-                                 device=device,
-                                 cache_dir=cache_dir, out=out))
+                                 data=data, sae_seed=sae_seed, feature_scale=feature_scale, out=out))
     tables = {"summary": result.summary if fmt is Format.json else
               [{k: v for k, v in row.items() if k != "values"} for row in result.summary]}
     if fmt is Format.json:
@@ -435,7 +464,7 @@ def all_(
 @app.command()
 @user_errors
 def report(
-    cache_dir: Path = CacheDirOpt,
+    cache_dir: Path = flags.CacheDir,
     out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
     run: Path = typer.Option(None, "--run", help="A run.json (default: the latest run in the cache)."),
     fmt: Format = FormatOpt,

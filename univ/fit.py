@@ -122,13 +122,13 @@ def _plan(cfg: FitConfig, d: int, train_tokens: int, device: torch.device) -> _P
     if cfg.expansion < 1 or not math.isfinite(cfg.expansion):
         raise UnivError(f"--expansion must be at least 1, not {cfg.expansion}")
     if cfg.batch_size < 1:
-        raise UnivError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+        raise UnivError(f"--sae-batch-size must be at least 1, not {cfg.batch_size}")
     if train_tokens < cfg.batch_size:
-        raise UnivError(f"--train-tokens ({train_tokens}) must be at least one batch ({cfg.batch_size})")
+        raise UnivError(f"--sae-train-tokens ({train_tokens}) must be at least one batch ({cfg.batch_size})")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UnivError(f"--lr must be a positive number, not {cfg.lr}")
     if not 0 <= cfg.seed < 2**63:
-        raise UnivError(f"--seed must be between 0 and 2**63 - 1, not {cfg.seed}")
+        raise UnivError(f"--sae-seed must be between 0 and 2**63 - 1, not {cfg.seed}")
     d_sae = int(round(cfg.expansion * d))
     weights = 16 * 2 * d * d_sae  # float32 weights, gradients and two Adam moments
     if weights > (budget := memory_budget(cfg, device)):
@@ -262,7 +262,7 @@ def fit(cfg: FitConfig, stores: list[LayerData], load_lm=None, tstore: Store | N
     n_train = n_rows - n_eval
     if n_eval < 1 or n_train < cfg.batch_size:
         raise UnivError(f"the store holds {n_rows} rows: too few for batches of {cfg.batch_size} "
-                        "plus held-out rows; cache more tokens or lower --batch-size")
+                        "plus held-out rows; cache more tokens or lower --sae-batch-size")
     plan = _plan(cfg, d, cfg.train_tokens or n_train, device)
     by_layer = {ld.layer: ld for ld in stores}
     sae_cfgs, recipes, out_dirs = {}, {}, {}
@@ -319,7 +319,7 @@ def fit_stream(cfg: FitConfig, src: models.ModelSource, data: CacheConfig, layer
     how = computed(dataclasses.replace(data, hook="resid_post", store_dtype="auto"), src, device)
     plan = _plan(cfg, src.d_model, cfg.train_tokens or STREAM_TOKENS, device)
     if cfg.eval_tokens < 1:
-        raise UnivError(f"--eval-tokens must be positive, not {cfg.eval_tokens}")
+        raise UnivError(f"--sae-eval-tokens must be positive, not {cfg.eval_tokens}")
     ensure_writable(cache_dir)
     tokenizer = models.load_tokenizer(src)
     data = dataclasses.replace(data, cache_dir=cache_dir)

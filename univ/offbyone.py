@@ -20,7 +20,17 @@ from pathlib import Path
 import torch
 
 from . import models, patching
-from .circuit import CircuitConfig, CircuitResult, Means, batches, check, other_ids, parse_head, result_path, token_ids
+from .circuit import (
+    CircuitConfig,
+    CircuitResult,
+    Means,
+    batches,
+    check,
+    other_ids,
+    parse_head,
+    result_path,
+    token_ids,
+)
 from .errors import UnivError
 from .induction import induction_path, run_induction
 
@@ -40,15 +50,30 @@ def offbyone_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
     return {"clean": x, "corrupted": corrupted, "b": x[:, 1]}
 
 
-def _top(result: CircuitResult, table: str) -> str:
-    """The component whose patch moves p(B) most (either way: in a model that has not learned
-    the task the sign of the change is noise)."""
-    return max(result.rows[table], key=lambda r: abs(r["drop"]))["component"]
+class NothingToFollow(UnivError):
+    """The induction run has no component whose patch lowers p(B) beyond its interval."""
 
 
-def default_induction(cfg: CircuitConfig) -> CircuitConfig:
-    """The induction run whose top component offbyone follows: the same settings at the task's length."""
-    return dataclasses.replace(cfg, seq_len=CircuitConfig.seq_len, swap_decay=False)
+def followed(result: CircuitResult, table: str) -> str:
+    """The component whose patch lowers p(B) most among those that stand out (their 95 % interval
+    leaves out 0): the authors followed the largest drop, Mamba's layer 17 and Pythia's L5H0. A
+    GPT-NeoX head in layer 0 cannot be an induction head (it sees no earlier token's content)."""
+    rows = [r for r in result.rows[table] if not r["component"].startswith("L0H")]
+    lowering = [r for r in rows if r["stands_out"] and r["drop"] > 0]
+    if not lowering:
+        top = max(rows, key=lambda r: r["drop"])
+        raise NothingToFollow(
+            f"no {table} component of {result.model}'s induction run lowers p(B) beyond its 95 % interval (largest: "
+            f"{top['component']}, {top['drop']:.2g} ± {top['drop_ci']:.2g}); give --layer (Mamba) or --head "
+            "(GPT-NeoX) to follow one anyway")
+    return max(lowering, key=lambda r: r["drop"])["component"]
+
+
+def default_induction(cfg: CircuitConfig, n_seqs: int | None = None, state_seqs: int | None = None) -> CircuitConfig:
+    """The induction run whose component offbyone follows: `univ induction`'s (its sequence count
+    and length unless given) with the same seed, batch, device, dtype and effect."""
+    return dataclasses.replace(cfg, n_seqs=n_seqs or CircuitConfig.n_seqs, state_seqs=state_seqs,
+                               seq_len=CircuitConfig.seq_len, head=None, swap_decay=False)
 
 
 def _follows(lm: models.LM, cfg: CircuitConfig, layer: str) -> bool:
@@ -87,7 +112,7 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
     T = cfg.seq_len
     means = Means()
     if lm.family == "mamba":
-        chosen = int(_top(run_induction(lm, ind_cfg, cache_dir, progress=progress), "state->logit").split()[1]) \
+        chosen = int(followed(run_induction(lm, ind_cfg, cache_dir, progress=progress), "state->logit").split()[1]) \
             if follows else int(layer)
         mixer = lm.model.backbone.layers[chosen].mixer
         component = f"layer {chosen}"
@@ -108,7 +133,7 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
                           ref)
     else:
         head = parse_head(cfg.head, lm) if cfg.head else tuple(
-            int(v) for v in _top(run_induction(lm, ind_cfg, cache_dir, progress=progress), "head->logit")[1:].split("H"))
+            int(v) for v in followed(run_induction(lm, ind_cfg, cache_dir, progress=progress), "head->logit")[1:].split("H"))
         component = f"L{head[0]}H{head[1]} keys and values"
         for batch in batches(data, cfg.batch, lm.device):
             ref = means.add("clean", lm.logits(batch["clean"])[:, -1], batch["b"])

@@ -173,10 +173,12 @@ def write_report(run_file: Path, out: Path) -> dict:
             clean = r.clean[name]
             lines += [f"### {name} (top 10 by drop in p(B); clean p(B) = {clean['p_B']:.4g} over {clean['n_seqs']} "
                       "sequences)", "", _md(rows[:10]), ""]
-    if circuits.get("offbyone"):
+    if circuits.get("offbyone") or run.get("skipped"):
         lines += ["## Off-by-One", ""]
-        for r in circuits["offbyone"]:
+        for r in circuits.get("offbyone", []):
             lines += [f"### {r.model}", "", _md(r.rows["write at position p corrupted"]), ""]
+        for skip in run.get("skipped", []):
+            lines += [f"### {skip['model']}", "", f"Not run: {skip['why']}.", ""]
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     report = out / "report.md"
     files.write_text(report, "\n".join(lines))

@@ -73,7 +73,7 @@ def _held_out_contexts(tstore: Store, n_eval: int, n_contexts: int) -> tuple[tor
 
 def _stack(toks, masks):
     if not toks:
-        raise UnivError("no whole context lies in the held-out rows; raise --eval-tokens")
+        raise UnivError("no whole context lies in the held-out rows; raise --sae-eval-tokens")
     return torch.stack(toks), torch.stack(masks)
 
 

@@ -84,7 +84,7 @@ def _batches(src: Source, tokenizer, start: Position) -> Iterator[tuple[Position
         if skip == 0 and not yielded:
             raise UnivError(f"dataset {src.data.dataset!r} holds fewer than {src.batch_contexts} documents after "
                             "the MPPC window and the held-out rows: nothing to train on (use a larger corpus, "
-                            "fewer --tokens or --eval-tokens)")
+                            "fewer --tokens or --sae-eval-tokens)")
         if passes == start.passes:
             log.warning("the SAE training stream reached the end of %s; it reads its training documents "
                         "again (pass %d; later passes are not reported)", src.data.dataset, passes + 2)

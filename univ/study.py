@@ -8,25 +8,28 @@ reruns it alone; a rerun of `univ all` skips everything already in the cache.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from contextlib import contextmanager
-import shlex
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from . import __version__, files, models
+from . import __version__, files, flags, models
 from .cache import CacheConfig, run_cache
+from .circuit import CircuitConfig
 from .errors import UnivError
 from .fit import FitConfig, run_fit
-from .circuit import CircuitConfig
+from .flags import DEFAULT_DATASET
 from .induction import induction_path, run_induction
 from .match import MatchConfig
 from .match_stage import MatchRequest, run_match
-from .offbyone import TABLE, offbyone_path, run_offbyone
+from .offbyone import TABLE, NothingToFollow, offbyone_path, run_offbyone
 from .report import RUNS, write_report
 from .store import config_key
+
+log = logging.getLogger("univ")
 
 PRESETS: dict[str, dict] = {
     # CPU, minutes: a taste of every stage.
@@ -59,15 +62,12 @@ class StudyConfig:
     model_c: str | None = None
     preset: str = "quick"
     overrides: dict = field(default_factory=dict)
-    dataset: str = "Skylion007/openwebtext"
+    data: CacheConfig = field(default_factory=lambda: CacheConfig(models=[], dataset=DEFAULT_DATASET))
+    """The corpus and how activations are computed (device, centring, scan, cache root); the
+    preset sets its tokens, ctx_len, dtype and store_dtype."""
+    sae_seed: int = FitConfig.seed
     feature_scale: str = "raw"
     """What MPPC correlates (see MatchConfig.feature_scale)."""
-    centre: str = "layernorm"
-    """Which residual streams are stored centred (see CacheConfig.centre)."""
-    cpu_scan: str = "eager"
-    """Mamba's scan on the CPU (see CacheConfig.cpu_scan)."""
-    device: str = "auto"
-    cache_dir: Path = Path("univ-cache")
     out: Path | None = None
     """Report folder (default: <cache_dir>/report)."""
 
@@ -85,19 +85,25 @@ class StudyResult(NamedTuple):
     summary: list[dict]
     run_file: Path
     report: dict
+    skipped: list[dict]
+    """Stages not run for a model, and why ({stage, model, why}; also in run.json)."""
 
 
 @contextmanager
-def _stage(name: str, rerun: str, seconds: dict | None = None):
-    """Run a stage; a failure names it and the command that reruns it alone. ``seconds`` adds the
-    stage's wall time under its name (stages that run per model add up)."""
+def _stage(name: str, rerun: str, seconds: dict | None = None, what: str = ""):
+    """Run a stage, logged at its start and end; a failure names it and the command that reruns it
+    alone. ``seconds`` adds the stage's wall time under its name (stages run per model add up)."""
+    label = f"{name} ({what})" if what else name
+    log.info("stage %s: started", label)
     start = time.monotonic()
     try:
         yield
     except UnivError as e:
         raise UnivError(f"stage {name} failed: {e} — rerun it alone with: {rerun}") from None
+    took = time.monotonic() - start
+    log.info("stage %s: done in %.1f s", label, took)
     if seconds is not None:
-        seconds[name] = round(seconds.get(name, 0.0) + time.monotonic() - start, 2)
+        seconds[name] = round(seconds.get(name, 0.0) + took, 2)
 
 
 def _in_cache(path, cache_dir: Path) -> str:
@@ -106,77 +112,105 @@ def _in_cache(path, cache_dir: Path) -> str:
     return os.path.relpath(path, cache_dir)
 
 
-def _cmd(*parts) -> str:
-    return "univ " + " ".join(shlex.quote(str(p)) for p in parts if p is not None and p != "")
+class _Plan(NamedTuple):
+    """Every stage's config, as run_all runs it, and the command that reruns each alone."""
+
+    settings: dict
+    everyone: list[str]
+    """The models given SAEs: A, B and (for the model-seed skyline) C."""
+    data: CacheConfig
+    fit: FitConfig
+    match: MatchRequest
+    circuit: CircuitConfig
+    offbyone: CircuitConfig
+    rerun: dict[str, str]
+    """Stage (fit-sae, induction and offbyone per model: 'fit-sae MODEL') -> its command line."""
+
+
+def plan(cfg: StudyConfig) -> _Plan:
+    s = cfg.settings()
+    a, b = cfg.model_a, cfg.model_b
+    data = dataclasses.replace(cfg.data, models=[], tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=s["dtype"],
+                               store_dtype=s["store_dtype"])
+    fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
+                    train_tokens=s["sae_train_tokens"], eval_tokens=s["sae_eval_tokens"], seed=cfg.sae_seed,
+                    batch_contexts=data.batch_size, device=data.device)
+    everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
+    req = MatchRequest(model_a=a, model_b=b, model_c=cfg.model_c, baselines=s["baselines"], skylines=s["skylines"],
+                       neurons=s["neurons"], neuron_tokens=s["neuron_tokens"], data=data, fit=fit,
+                       match=MatchConfig(tokens=s["tokens"], feature_scale=cfg.feature_scale, device=data.device),
+                       cache_dir=data.cache_dir)
+    circuit = CircuitConfig(n_seqs=s["n_seqs"], state_seqs=s["state_seqs"], device=data.device)
+    obo = dataclasses.replace(circuit, n_seqs=s["offbyone_seqs"], state_seqs=None, seq_len=s["offbyone_len"])
+
+    where = ["--cache-dir", data.cache_dir]
+    corpus = flags.of(data, flags.CORPUS) + where
+    sae = flags.of(fit, flags.SAE)
+    rerun = {"cache": flags.command("cache", *[x for m in everyone for x in ("--model", m)],
+                                    *(["--model", models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []),
+                                    *corpus)}
+    for m in everyone:
+        rerun[f"fit-sae {m}"] = flags.command("fit-sae", "--model", m, *sae,
+                                              *flags.of(data, flags.CORPUS, skip=("store_dtype",)), *where)
+    reference = [*[x for v in s["baselines"] for x in ("--baseline", v)], *[x for v in s["skylines"] for x in ("--skyline", v)],
+                 *(["--model-c", cfg.model_c] if cfg.model_c else []), *(["--neurons"] if s["neurons"] else []),
+                 "--neuron-tokens", s["neuron_tokens"], "--feature-scale", cfg.feature_scale]
+    rerun["match"] = flags.command("match", "--model-a", a, "--model-b", b, *reference, *sae, *corpus)
+    for m in (a, b):
+        rerun[f"induction {m}"] = flags.command("induction", "--model", m, *flags.of(circuit, flags.CIRCUIT), *where)
+        rerun[f"offbyone {m}"] = flags.command(
+            "offbyone", "--model", m, *flags.of(obo, flags.CIRCUIT), "--induction-seqs", circuit.n_seqs,
+            *(["--induction-state-seqs", circuit.state_seqs] if circuit.state_seqs else []), *where)
+    return _Plan(s, everyone, data, fit, req, circuit, obo, rerun)
 
 
 def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
-    s = cfg.settings()
     a, b = cfg.model_a, cfg.model_b
-    data = CacheConfig(models=[], dataset=cfg.dataset, tokens=s["tokens"], ctx_len=s["ctx_len"], dtype=s["dtype"],
-                       store_dtype=s["store_dtype"], centre=cfg.centre, cpu_scan=cfg.cpu_scan,
-                       device=cfg.device, cache_dir=cfg.cache_dir)
-    fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
-                    train_tokens=s["sae_train_tokens"], eval_tokens=s["sae_eval_tokens"], device=cfg.device)
-    corpus = ["--dataset", cfg.dataset, "--tokens", s["tokens"], "--ctx-len", s["ctx_len"], "--dtype", s["dtype"],
-              "--centre", cfg.centre, "--cpu-scan", cfg.cpu_scan, "--device", cfg.device, "--cache-dir", cfg.cache_dir]
-    common = [*corpus, "--store-dtype", s["store_dtype"]]
-    sae_flags = ["--arch", s["arch"], "--expansion", s["expansion"], "--l1", s["l1"], "--k", s["k"]]
-    sae_budget = [s["sae_train_tokens"], s["sae_batch_size"], s["sae_eval_tokens"]]
-    everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
+    p = plan(cfg)
+    s, everyone, cache_dir = p.settings, p.everyone, p.data.cache_dir
     durations: dict[str, float] = {}
-    with _stage("cache", _cmd("cache", *[x for m in everyone for x in ("--model", m)], *common), durations):
+    with _stage("cache", p.rerun["cache"], durations):
         random_b = [models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []
-        run_cache(dataclasses.replace(data, models=everyone + random_b), progress)
+        run_cache(dataclasses.replace(p.data, models=everyone + random_b), progress)
     quality = []
     for model in everyone:
-        with _stage("fit-sae", _cmd("fit-sae", "--model", model, *sae_flags, "--train-tokens", sae_budget[0],
-                                    "--batch-size", sae_budget[1], "--eval-tokens", sae_budget[2], *corpus), durations):
-            for r in run_fit(fit, "all", cfg.cache_dir, cache_cfg=dataclasses.replace(data, models=[model]),
+        with _stage("fit-sae", p.rerun[f"fit-sae {model}"], durations, model):
+            for r in run_fit(p.fit, "all", cache_dir, cache_cfg=dataclasses.replace(p.data, models=[model]),
                              progress=progress):
                 quality.append({"model": model, **{k: v for k, v in r._asdict().items() if k != "path"}})
-    req = MatchRequest(model_a=a, model_b=b, model_c=cfg.model_c, baselines=s["baselines"], skylines=s["skylines"],
-                       neurons=s["neurons"], neuron_tokens=s["neuron_tokens"], data=data, fit=fit,
-                       match=MatchConfig(tokens=s["tokens"], feature_scale=cfg.feature_scale, device=cfg.device),
-                       cache_dir=cfg.cache_dir)
-    match_flags = [*[x for v in s["baselines"] for x in ("--baseline", v)], *[x for v in s["skylines"] for x in ("--skyline", v)],
-                   "--neurons" if s["neurons"] else "", "--model-c" if cfg.model_c else "", cfg.model_c or "",
-                   "--feature-scale", cfg.feature_scale]
-    with _stage("match", _cmd("match", "--model-a", a, "--model-b", b, *match_flags, *sae_flags, "--sae-train-tokens",
-                              sae_budget[0], "--sae-batch-size", sae_budget[1], "--sae-eval-tokens", sae_budget[2],
-                              "--neuron-tokens", s["neuron_tokens"],
-                              *common), durations):
-        comparisons = run_match(req, progress)
-    circuit = CircuitConfig(n_seqs=s["n_seqs"], state_seqs=s["state_seqs"], device=cfg.device)
-    obo_cfg = dataclasses.replace(circuit, n_seqs=s["offbyone_seqs"], state_seqs=None, seq_len=s["offbyone_len"])
-    induction, offbyone, paths = [], [], {"induction": [], "offbyone": []}
+    with _stage("match", p.rerun["match"], durations):
+        comparisons = run_match(p.match, progress)
+    induction, offbyone, paths, skipped = [], [], {"induction": [], "offbyone": []}, []
     for model in (a, b):
-        where = ["--device", cfg.device, "--cache-dir", cfg.cache_dir]
-        flags = ["--model", model, "--n-seqs", s["n_seqs"], *(["--state-seqs", s["state_seqs"]] if s["state_seqs"] else []),
-                 *where]
-        obo_flags = ["--model", model, "--n-seqs", s["offbyone_seqs"], "--seq-len", s["offbyone_len"], *where]
-        lm = models.load(model, device=cfg.device, dtype=circuit.dtype)
-        with _stage("induction", _cmd("induction", *flags), durations):
-            induction.append(run_induction(lm, circuit, cfg.cache_dir, progress=progress))
-        with _stage("offbyone", _cmd("offbyone", *obo_flags), durations):
-            offbyone.append(run_offbyone(lm, obo_cfg, cfg.cache_dir, induction=circuit, progress=progress))
-        paths["induction"].append(_in_cache(induction_path(cfg.cache_dir, lm, circuit), cfg.cache_dir))
-        paths["offbyone"].append(_in_cache(offbyone_path(cfg.cache_dir, lm, obo_cfg, induction=circuit), cfg.cache_dir))
+        lm = models.load(model, device=p.data.device, dtype=p.circuit.dtype)
+        with _stage("induction", p.rerun[f"induction {model}"], durations, model):
+            induction.append(run_induction(lm, p.circuit, cache_dir, progress=progress))
+        paths["induction"].append(_in_cache(induction_path(cache_dir, lm, p.circuit), cache_dir))
+        with _stage("offbyone", p.rerun[f"offbyone {model}"], durations, model):
+            try:
+                offbyone.append(run_offbyone(lm, p.offbyone, cache_dir, induction=p.circuit, progress=progress))
+            except NothingToFollow as e:  # a model without an induction circuit: nothing to trace, say so
+                skipped.append({"stage": "offbyone", "model": model, "why": str(e)})
+                log.warning("offbyone %s skipped: %s", model, e)
+                continue
+        paths["offbyone"].append(_in_cache(offbyone_path(cache_dir, lm, p.offbyone, induction=p.circuit), cache_dir))
     run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
-           "feature_scale": cfg.feature_scale, "centre": cfg.centre, "cpu_scan": cfg.cpu_scan,
-           "dataset": cfg.dataset, "device": cfg.device, "univ_version": __version__,
-           "sae_quality": quality, "match": [_in_cache(c.path, cfg.cache_dir) for c in comparisons], "circuits": paths,
-           "seconds": durations}
-    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "dataset",
+           "feature_scale": cfg.feature_scale, "centre": p.data.centre, "cpu_scan": p.data.cpu_scan,
+           "corpus": {k: getattr(p.data, k) for k in ("dataset", "split", "dataset_revision", "text_field", "seed",
+                                                      "chunk_tokens")},
+           "sae_seed": cfg.sae_seed, "device": p.data.device, "univ_version": __version__,
+           "sae_quality": quality, "match": [_in_cache(c.path, cache_dir) for c in comparisons], "circuits": paths,
+           "skipped": skipped, "seconds": durations, "rerun": p.rerun}
+    key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "corpus", "sae_seed",
                                           "feature_scale", "centre", "cpu_scan")})
-    run_file = cfg.cache_dir / RUNS / key / "run.json"
+    run_file = cache_dir / RUNS / key / "run.json"
     files.write_json(run_file, run)
-    with _stage("report", _cmd("report", "--cache-dir", cfg.cache_dir, "--run", run_file)):
-        report = write_report(run_file, cfg.out or cfg.cache_dir / "report")
-    return StudyResult(summary(quality, comparisons, induction, offbyone), run_file, report)
+    with _stage("report", flags.command("report", "--cache-dir", cache_dir, "--run", run_file)):
+        report = write_report(run_file, cfg.out or cache_dir / "report")
+    return StudyResult(summary(quality, comparisons, induction, offbyone, skipped), run_file, report, skipped)
 
 
-def summary(quality, comparisons, induction, offbyone) -> list[dict]:
+def summary(quality, comparisons, induction, offbyone, skipped=()) -> list[dict]:
     """One concise table: SAE quality, MPPC per comparison, top induction component, off-by-one
     shift. Each row's numbers are also in its 'values' (for --format json)."""
     rows = []
@@ -200,17 +234,22 @@ def summary(quality, comparisons, induction, offbyone) -> list[dict]:
                          "values": {k: v for k, v in row.items() if k not in ("comparison", "direction")}})
     for r in induction:
         table = "state->logit" if r.family == "mamba" else "head->logit"
-        top = r.rows[table][0]
-        rows.append({"what": f"induction ({table})", "subject": r.model,
-                     "result": f"{top['component']}: p(B) {r.clean[table]['p_B']:.4f} -> {top['p_B']:.4f}",
-                     "values": {"component": top["component"], "clean_p_B": r.clean[table]["p_B"],
-                                "patched_p_B": top["p_B"]}})
+        top, clean = r.rows[table][0], r.clean[table]
+        said = (f"{top['component']}: p(B) {clean['p_B']:.3g} -> {top['p_B']:.3g}" if top["stands_out"] else
+                f"no component stands out (largest drop {top['drop']:.2g} ± {top['drop_ci']:.2g}, {top['component']})")
+        solved = "" if clean.get("solved", True) else "; the task is not solved (p(B) at chance)"
+        rows.append({"what": f"induction ({table})", "subject": r.model, "result": said + solved,
+                     "values": {"component": top["component"], "stands_out": top["stands_out"],
+                                "clean_p_B": clean["p_B"], "patched_p_B": top["p_B"], "solved": clean.get("solved")}})
     for r in offbyone:
         entries = r.rows[TABLE]
         top = max(entries, key=lambda e: abs(e["delta_logit_B"]))
         rows.append({"what": "off-by-one", "subject": r.model,
                      "result": f"{r.config['component']}: largest change at p = {top['position']} "
-                               f"(d logit(B) {top['delta_logit_B']:+.3f}; B sits at 1)",
+                               f"(d logit(B) {top['delta_logit_B']:+.3g}; B sits at 1)",
                      "values": {"component": r.config["component"], "position": top["position"],
                                 "delta_logit_B": top["delta_logit_B"]}})
+    for skip in skipped:
+        rows.append({"what": "off-by-one", "subject": skip["model"], "result": f"not run: {skip['why']}",
+                     "values": {"skipped": skip["why"]}})
     return rows
