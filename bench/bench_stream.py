@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preset_time import random_corpus  # noqa: E402
+from univ.tryout import corpus_and_tokenizer  # noqa: E402
 from univ import fit, models, stream, trainer  # noqa: E402
 from univ.data import DataConfig  # noqa: E402
 from univ.store import Store  # noqa: E402
@@ -114,7 +114,7 @@ def main():
     print(f"bench_stream --size {args.size} on {device}: {size}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tokenizer = random_corpus(root, n_docs=6000, words=(200, 900))
+        tokenizer = corpus_and_tokenizer(root, n_docs=6000, words=(200, 900))
         for name, build in _models(size["narrow"]).items():
             bench(name, build, tokenizer, root, size, device)
 

@@ -226,3 +226,23 @@ def test_the_cpu_scan_path_is_part_of_a_mamba_stores_key(assets, tmp_path, monke
     assert compiled.models[0].store == eager.models[0].store  # GPT-NeoX has no scan
     assert compiled.models[1].store != eager.models[1].store
     assert Store.read(Path(compiled.models[1].store) / "resid_post.1").config["cpu_scan"] == "compiled"
+
+
+def test_documents_cut_at_ctx_len_are_counted(assets, tmp_path, caplog):
+    """One context per document, cut at --ctx-len (as the study did): how many documents and
+    tokens that leaves out is said on stderr and kept in the token store's manifest."""
+    tokenizer = assets["tokenizer"]
+    for ctx_len in (8, 64):
+        cfg = _cfg(assets, tmp_path / str(ctx_len), "neox", tokens=300, ctx_len=ctx_len)
+        with caplog.at_level("INFO", logger="univ"):
+            result = run_cache(cfg, progress=False)
+        chunks = Store.read(result.tokens_store).chunks.values()
+        cut_docs, cut_tokens = sum(c["cut_docs"] for c in chunks), sum(c["cut_tokens"] for c in chunks)
+        contexts = sum(c["contexts"] for c in chunks)
+        longest = max(len(ids) for ids in tokenizer(assets["docs"], add_special_tokens=False)["input_ids"])
+        if ctx_len > longest:
+            assert cut_docs == cut_tokens == 0 and "were cut" not in caplog.text
+        else:
+            assert 0 < cut_docs <= contexts and cut_tokens >= cut_docs
+            assert f"{cut_docs} of {contexts} documents were longer than --ctx-len {ctx_len}" in caplog.text
+        caplog.clear()

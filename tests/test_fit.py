@@ -158,3 +158,18 @@ def test_train_tokens_are_trained_in_full_when_the_store_is_smaller_than_a_windo
               [LayerData(0, stores_at(tmp_path / "store")[0], tmp_path / "saes")], progress=False)
     trained = SAE.load(r.path).cfg.store["train"]
     assert trained["tokens"] == 200_000 // 256 * 256 and r.train_tokens == 200_000
+
+
+def test_doubtful_saes_are_named():
+    """An SAE trained for a handful of steps, or firing on a large share of its latents, is reported
+    with a warning rather than silently (the metrics of such SAEs mean little)."""
+    from univ.fit import SAEResult, doubts
+
+    def result(layer, train_tokens, l0, d_sae=4096):
+        return SAEResult(layer, "resid_post", "relu", d_sae, train_tokens, l0, 0.9, 0.0, None, "")
+
+    assert doubts([result(0, 100_000_000, 50), result(1, 100_000_000, 60)], 4096) == []
+    [short] = doubts([result(0, 4 * 4096, 50)], 4096)
+    assert "trained for 4 steps" in short
+    [dense] = doubts([result(0, 100_000_000, 50), result(1, 100_000_000, 1900)], 4096)
+    assert "1 of 2 SAEs" in dense and "L0 1900 of 4096" in dense

@@ -1,8 +1,10 @@
+import time
+
 import pytest
 import torch
 
 from conftest import build_mamba_ssm
-from univ import models
+from univ import architectures, hub, models
 from univ.errors import UnivError
 
 
@@ -16,6 +18,41 @@ def test_aliases_point_at_the_study_checkpoints():
     assert models.ALIASES["mamba-130m"] == "state-spaces/mamba-130m-hf"
     assert models.ALIASES["pythia-160m-seed3"] == "EleutherAI/pythia-160m-seed3"
     assert models.ALIASES["mamba-2.8b"] == "state-spaces/mamba-2.8b-hf"
+
+
+@pytest.mark.parametrize("alias, params", [("pythia-70m", 70e6), ("pythia-160m", 162e6), ("pythia-410m", 405e6),
+                                           ("mamba-130m", 130e6), ("mamba-370m", 370e6)])
+def test_shipped_architectures_have_the_published_size(alias, params):
+    """random:ALIAS needs no Hub: its architecture ships with univ, and its size is the name's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert set(models.ALIASES) == set(architectures.CONFIGS)
+    src = models.resolve(models.RANDOM_PREFIX + alias)  # HF_HUB_OFFLINE=1 here, and nothing cached
+    assert src.random_init and src.path is None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**src.config))
+    assert abs(sum(p.numel() for p in model.parameters()) / params - 1) < 0.02
+
+
+def test_an_unreachable_hub_fails_fast_and_says_so(monkeypatch):
+    from huggingface_hub import constants
+
+    def no_route(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub.socket, "create_connection", no_route)
+    hub.reachable.cache_clear()
+    try:
+        start = time.monotonic()
+        for name in ("pythia-160m", "someone/a-model"):  # neither an alias nor a Hub id is blamed
+            with pytest.raises(UnivError, match="the Hub cannot be reached from this machine; set HF_HUB_OFFLINE=1"):
+                models.resolve(name)
+        assert time.monotonic() - start < 5  # huggingface_hub's own retries took ~25 s
+        assert constants.HF_HUB_OFFLINE  # the rest of the process stays off the network
+    finally:
+        hub.reachable.cache_clear()
 
 
 @pytest.mark.parametrize("family", ["neox", "mamba"])

@@ -244,7 +244,8 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
         rows = int(sum(c.mask.sum() for c in buf))
         store.write_chunk(index, {"tokens": torch.from_numpy(np.stack([c.tokens for c in buf])),
                                   "mask": torch.from_numpy(np.stack([c.mask for c in buf]))},
-                          rows=rows, contexts=len(buf), docs_end=docs_end)
+                          rows=rows, contexts=len(buf), docs_end=docs_end,
+                          cut_docs=sum(c.cut > 0 for c in buf), cut_tokens=sum(c.cut for c in buf))
         kept += rows
         bar.update(rows)
         index, buf = index + 1, []
@@ -271,6 +272,11 @@ def _fill_token_store(cfg: CacheConfig, store: Store, data: DataConfig, tokenize
     if kept < cfg.tokens:
         log.warning("dataset %s has only %d tokens (asked for %d); the store holds them all",
                     cfg.dataset, kept, cfg.tokens)
+    cut_docs, cut_tokens = (sum(c.get(k, 0) for c in store.chunks.values()) for k in ("cut_docs", "cut_tokens"))
+    if cut_docs:  # by design (one context per document, as the study cut them), but worth knowing
+        contexts = sum(c["contexts"] for c in store.chunks.values())
+        log.info("tokenize: %d of %d documents were longer than --ctx-len %d and were cut (%d tokens left out)",
+                 cut_docs, contexts, cfg.ctx_len, cut_tokens)
     store.set_complete(True, **({"exhausted": True} if kept < cfg.tokens else {}))
 
 
@@ -327,13 +333,13 @@ def _forward_chunks(cfg, src, device, how: Computed, tstore: Store, stores: dict
     with bar:
         for index, layers in todo.items():
             with scan_compiled.mode("compiled" if how.compiled_scan else "eager"):
-                _forward_chunk(cfg, lm, tstore, index, layers, stores, how)
-            bar.update(chunk_rows[index]["rows"])
+                _forward_chunk(cfg, lm, tstore, index, layers, stores, how, bar)
 
 
 def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores: dict[int, Store],
-                   how: Computed) -> None:
-    """One token chunk through the model; one activation chunk per missing layer."""
+                   how: Computed, bar) -> None:
+    """One token chunk through the model; one activation chunk per missing layer. The bar moves per
+    forward batch: a small run may be a single chunk."""
     chunk = tstore.read_chunk(index)
     tokens, mask = chunk["tokens"], chunk["mask"]
     start = time.perf_counter()
@@ -345,6 +351,7 @@ def _forward_chunk(cfg, lm, tstore: Store, index: int, layers: list[int], stores
         m = m[:, :width].to(resid.device)
         for j, layer in enumerate(layers):
             parts[layer].append(resid[j][m].to(how.store_dtype).cpu())
+        bar.update(int(m.sum()))
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

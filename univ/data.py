@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub
 from .errors import UnivError
 
 log = logging.getLogger("univ")
@@ -136,6 +137,7 @@ def resolved(cfg: DataConfig) -> DataConfig:
     conversion is read instead, said once. Local corpora and given revisions are left as they are."""
     if is_local(cfg.dataset) or cfg.revision is not None:
         return cfg
+    hub.go_offline_unless_reachable()
     try:
         _datasets().load_dataset(cfg.dataset, split=cfg.split, streaming=True)
     except Exception as e:  # any other failure is reported when the dataset is read
@@ -147,6 +149,7 @@ def resolved(cfg: DataConfig) -> DataConfig:
 
 
 def _iter_hub(cfg: DataConfig) -> Iterator[str]:
+    hub.go_offline_unless_reachable()
     datasets = _datasets()
     try:
         ds = datasets.load_dataset(cfg.dataset, split=cfg.split, revision=cfg.revision, streaming=True)
@@ -158,17 +161,22 @@ def _iter_hub(cfg: DataConfig) -> Iterator[str]:
     except UnivError:
         raise
     except Exception as e:  # datasets wraps network and format errors in many types
+        if hub.unreachable():
+            raise UnivError(f"dataset {cfg.dataset!r} is not in the local Hugging Face cache and the Hub cannot be "
+                            f"reached from this machine; {hub.OFFLINE_HINT}") from None
         raise UnivError(f"cannot read dataset {cfg.dataset!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
 class Context:
     """One row of the token store: ``tokens`` int32 [ctx_len] and ``mask`` bool [ctx_len]."""
 
-    __slots__ = ("tokens", "mask")
+    __slots__ = ("tokens", "mask", "cut")
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray):
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, cut: int = 0):
         self.tokens = tokens
         self.mask = mask
+        self.cut = cut
+        """Tokens of the document beyond ctx_len, dropped."""
 
 
 def iter_contexts(texts: Iterator[str], tokenizer, ctx_len: int, bos: int, pad: int,
@@ -190,7 +198,7 @@ def iter_contexts(texts: Iterator[str], tokenizer, ctx_len: int, bos: int, pad: 
             row[: len(seq)] = seq
             mask = np.zeros(ctx_len, dtype=bool)
             mask[: len(seq)] = ~np.isin(row[: len(seq)], drop_arr)
-            yield n_docs, (Context(row, mask) if mask.any() else None)
+            yield n_docs, (Context(row, mask, max(0, len(ids) - (ctx_len - 1))) if mask.any() else None)
         batch.clear()
 
     for text in texts:

@@ -453,6 +453,33 @@ def run_fit(cfg: FitConfig, layers: str, cache_dir: Path, cache_cfg: CacheConfig
         owner = external_owner(acts)
         chosen = [LayerData(layer, stores[layer], sae_root(cache_dir, owner, stores[layer].path.name))
                   for layer in select_layers(stores, layers)]
-        return fit(cfg, chosen, progress=progress)
-    src = models.resolve(cache_cfg.models[0])
-    return fit_stream(cfg, src, cache_cfg, parse_layers(layers, src.n_layers), cache_dir, progress)
+        results = fit(cfg, chosen, progress=progress)
+    else:
+        src = models.resolve(cache_cfg.models[0])
+        results = fit_stream(cfg, src, cache_cfg, parse_layers(layers, src.n_layers), cache_dir, progress)
+    for warning in doubts(results, cfg.batch_size):
+        log.warning("%s: %s", cache_cfg.models[0] if cache_cfg else acts, warning)
+    return results
+
+
+MIN_STEPS = 1000
+"""Fewer optimiser steps than this and an SAE has barely left its initialisation (lm_saes' smallest
+example configs ran ~25k steps)."""
+DENSE_L0 = 0.25
+"""An SAE whose L0 is above this fraction of its width is not sparse: its features are not features."""
+
+
+def doubts(results: list[SAEResult], batch_size: int) -> list[str]:
+    """What makes these SAEs' numbers mean little, in words (none for a sound run)."""
+    out = []
+    steps = min((r.train_tokens // batch_size for r in results), default=MIN_STEPS)
+    if steps < MIN_STEPS:
+        out.append(f"the SAEs were trained for {steps} steps (--sae-train-tokens / --sae-batch-size); under "
+                   f"{MIN_STEPS} they have barely left their initialisation, so their metrics and matches mean little")
+    dense = [r for r in results if r.l0 > DENSE_L0 * r.d_sae]
+    if dense:
+        worst = max(dense, key=lambda r: r.l0)
+        out.append(f"{len(dense)} of {len(results)} SAEs fire on more than {DENSE_L0:.0%} of their latents per token "
+                   f"(layer {worst.layer}: L0 {worst.l0:g} of {worst.d_sae}); they are not sparse (train longer, "
+                   "raise --l1 or lower --k), and matching them is slow and means little")
+    return out

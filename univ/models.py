@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import architectures, hub
 from .errors import UnivError
 
 PYTHIA_SIZES = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
@@ -41,8 +42,9 @@ class ModelSource:
     """The name as the user gave it (alias, Hub id or path)."""
     ref: str
     """Hub id, or the absolute path of a local directory."""
-    path: Path
-    """Local directory holding config.json (a Hub snapshot or the user's folder)."""
+    path: Path | None
+    """Local directory holding config.json (a Hub snapshot or the user's folder); None for an
+    architecture univ ships (random:ALIAS)."""
     revision: str
     """Hub commit hash, or a content hash of the weights for a local directory."""
     layout: str
@@ -96,10 +98,14 @@ def _hub_errors():
 def _hub_file(repo_id: str, filename: str, revision: str | None, what: str) -> Path:
     from huggingface_hub import hf_hub_download
 
+    hub.go_offline_unless_reachable()
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except _hub_errors() as e:
         reason = type(e).__name__
+        if hub.unreachable():
+            raise UnivError(f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+                            f"from this machine; {hub.OFFLINE_HINT}") from None
         if repo_id in ALIASES.values():  # a name univ knows: the Hub, not the name, is the problem
             raise UnivError(
                 f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub could not be reached "
@@ -143,7 +149,13 @@ def resolve(name: str, revision: str | None = None) -> ModelSource:
     ``random:NAME`` is NAME's architecture with freshly initialised weights (seed 0): the
     random-init baseline of `univ match`."""
     if name.startswith(RANDOM_PREFIX):
-        base = resolve(name[len(RANDOM_PREFIX):], revision)
+        base_name = name[len(RANDOM_PREFIX):]
+        if base_name in architectures.CONFIGS and revision is None:  # shipped: no Hub needed for fresh weights
+            config = architectures.CONFIGS[base_name]
+            shipped = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+            return ModelSource(name, ALIASES[base_name], None, f"random-seed{RANDOM_SEED}-univ-{shipped}", "hf",
+                               config["model_type"], config, random_init=True)
+        base = resolve(base_name, revision)
         return ModelSource(name, base.ref, base.path, f"random-seed{RANDOM_SEED}-{base.revision}", base.layout,
                            base.family, base.config, random_init=True)
     ref = ALIASES.get(name, name)
@@ -177,7 +189,7 @@ def resolve(name: str, revision: str | None = None) -> ModelSource:
 def load_tokenizer(src: ModelSource):
     from transformers import AutoTokenizer
 
-    has_own = any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    has_own = src.path is not None and any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     if src.is_local and src.layout == "hf" and not has_own:
         raise UnivError(f"model folder {src.name!r} has no tokenizer (tokenizer.json or tokenizer_config.json); "
                         "save the tokenizer beside the model (tokenizer.save_pretrained)")
@@ -185,10 +197,14 @@ def load_tokenizer(src: ModelSource):
         ref, revision = src.ref, src.hub_revision
     else:
         ref, revision = MAMBA_SSM_TOKENIZER, None
+    if not Path(ref).is_absolute():
+        hub.go_offline_unless_reachable()
     try:
         return AutoTokenizer.from_pretrained(ref, revision=revision)
     except _hub_errors() as e:
-        raise UnivError(f"cannot load the tokenizer of {src.name!r} from {ref!r}: {type(e).__name__}") from None
+        why = f"it is not in the local Hugging Face cache and the Hub cannot be reached; {hub.OFFLINE_HINT}" \
+            if hub.unreachable() else type(e).__name__
+        raise UnivError(f"cannot load the tokenizer of {src.name!r} from {ref!r}: {why}") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -466,8 +482,12 @@ def _load_mamba_ssm(src: ModelSource, dtype: torch.dtype) -> nn.Module:
 def _random_init(src: ModelSource, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = (mamba_ssm_to_hf_config(src.config) if src.layout == "mamba_ssm"
-              else AutoConfig.from_pretrained(src.path))
+    if src.layout == "mamba_ssm":
+        config = mamba_ssm_to_hf_config(src.config)
+    elif src.path is None:  # an architecture univ ships
+        config = AutoConfig.for_model(**src.config)
+    else:
+        config = AutoConfig.from_pretrained(src.path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         model = AutoModelForCausalLM.from_config(config)

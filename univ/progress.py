@@ -1,11 +1,13 @@
 """Progress on stderr: tqdm's bar on a terminal; elsewhere (a log file, nohup, a job scheduler),
 where tqdm stays silent, one log line every LOG_EVERY seconds with what is done, the rate and
-the time left, so that an hours-long run in a log file shows where it is."""
+the time left, so that an hours-long run in a log file shows where it is. The lines come from a
+timer while the bar is open, so a long step between two updates is not silent either."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -40,13 +42,17 @@ class _Lines:
     def __init__(self, total: float, desc: str, unit: str, initial: float):
         self.total, self.desc, self.unit = total, desc, unit
         self.done = self.start_done = initial
-        self.start = self.last = time.monotonic()
+        self.start = time.monotonic()
+        self._closed = threading.Event()
+        self._timer = threading.Thread(target=self._report_every, daemon=True)
+        self._timer.start()
 
     def update(self, n: float = 1) -> None:
         self.done += n
-        now = time.monotonic()
-        if now - self.last >= LOG_EVERY:
-            self.last = now
+
+    def _report_every(self) -> None:
+        while not self._closed.wait(LOG_EVERY):
+            now = time.monotonic()
             rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta = _duration(left) if left != float("inf") else "?"
@@ -54,6 +60,10 @@ class _Lines:
                      self.unit, 100 * self.done / max(self.total, 1), _fmt(rate), self.unit, eta)
 
     def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._timer.join()
         if time.monotonic() - self.start >= LOG_EVERY:  # only runs long enough to have reported
             log.info("%s: done, %s %s in %s", self.desc, _fmt(self.done), self.unit,
                      _duration(time.monotonic() - self.start))
