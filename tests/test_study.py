@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from univ import fit, models, study
+from univ import fit, models, report, study
 from univ.errors import UnivError
 
 from test_cli import assert_one_line_error, run
@@ -95,6 +95,22 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
     assert (tmp_path / "again" / "report.md").read_text() == report_md
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and "report" not in p.parts} == before
     assert len(json.loads(out)["report"]) == 1 + 5
+
+    # Figures name the models by short stable labels (A, B, with a key), whatever their paths,
+    # and keep their legends off the data.
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path.name)
+    report.write_report(tmp_path / written["run"], tmp_path / "figures")
+    assert len(figures) == 5
+    for fig in figures:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        texts = [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        assert not any(str(tmp_path) in t or "/" in t for t in texts), texts
+        assert "A = tiny-neox, B = tiny-mamba" in fig.texts[0].get_text()
+        legend = ax.get_legend()
+        if legend is not None:
+            assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
 
 
 def test_report_without_a_run_is_a_clear_error(tmp_path, capsys):

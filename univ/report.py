@@ -32,91 +32,110 @@ def latest_run(cache_dir: Path) -> Path:
     return runs[-1]
 
 
-def _fig(title: str, xlabel: str, ylabel: str, size=(7, 4.5)):
+ROLES = {"main": "A vs B", "random-init": "A vs B at random init", "sae-seed": "A vs A's SAEs with seed + 1",
+         "model-seed": "A vs C", "neurons": "A vs B", "neurons random-init": "A vs B at random init"}
+"""What each comparison of `univ match` sets against what, in the report's short labels."""
+
+
+def short_name(model: str) -> str:
+    """A model as figures name it: a local folder by its last part, a Hub id or alias as given."""
+    return Path(model).name if model.startswith((".", "/", "~")) else model
+
+
+def key_line(run: dict) -> str:
+    """The key to the figures' short labels."""
+    roles = [("A", run["model_a"]), ("B", run["model_b"]), ("C", run.get("model_c"))]
+    return ", ".join(f"{letter} = {short_name(m)}" for letter, m in roles if m)
+
+
+def _fig(title: str, xlabel: str, ylabel: str, key: str, size=(7, 4.5)):
     fig, ax = plt.subplots(figsize=size, dpi=120)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    fig.text(0.01, 0.005, key, fontsize=7, color="0.35", ha="left", va="bottom")
     return fig, ax
 
 
+def _legend_outside(ax) -> None:
+    """Legends sit to the right of the axes, never on the data."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
 def _save(fig, path: Path) -> str:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))  # room for the key line at the bottom
     png = io.BytesIO()
-    fig.savefig(png, format="png")
+    fig.savefig(png, format="png", bbox_inches="tight")
     plt.close(fig)
     files.write_bytes(path, png.getvalue())
     return path.name
 
 
-def mppc_figure(comparisons, out: Path, neurons: bool) -> str | None:
+def mppc_figure(comparisons, out: Path, neurons: bool, key: str) -> str | None:
     chosen = [c for c in comparisons if c.name.startswith("neurons") == neurons]
     if not chosen:
         return None
     kind = "neurons" if neurons else "SAE features"
-    fig, ax = _fig(f"MPPC distribution, {kind} ({chosen[0].a} → other model)",
-                   "max pairwise Pearson correlation", "fraction of live features")
+    fig, ax = _fig(f"MPPC of A's {kind}: each one's best correlation with the other side",
+                   "max pairwise Pearson correlation", "fraction of live features", key)
     bins = np.linspace(-0.1, 1.0, 45)
     for c in chosen:
         v = c.a_value.flatten()[c.a_fires.flatten()].numpy()
         ax.hist(v, bins=bins, weights=np.full(len(v), 1 / max(len(v), 1)), histtype="step", linewidth=1.8,
-                label=f"{c.name}: {c.a} vs {c.b} (median {np.median(v):.2f})")
-    ax.legend(fontsize=7, loc="upper left")
+                label=f"{ROLES.get(c.name, c.name)}\n(median {np.median(v):.2g})")
+    _legend_outside(ax)
     return _save(fig, out / f"mppc_{'neurons' if neurons else 'features'}.png")
 
 
-def depth_figure(c, out: Path) -> str:
-    fig, ax = _fig(f"Depth map: mean best correlation of {c.a}'s layer-l features\nwithin {c.b}'s layer m",
-                   f"{c.b} layer", f"{c.a} layer", size=(8, 5))
+def depth_figure(c, out: Path, key: str) -> str:
+    fig, ax = _fig("Depth map: mean best correlation of A's layer-l features within B's layer m",
+                   "B layer m", "A layer l", key, size=(8, 5))
     im = ax.imshow(c.depth.numpy(), aspect="auto", origin="lower", cmap="viridis")
     ax.set_xticks(range(len(c.layers_b)), c.layers_b, fontsize=7)
     ax.set_yticks(range(len(c.layers_a)), c.layers_a, fontsize=7)
     fig.colorbar(im, ax=ax, label="mean best Pearson correlation")
-    ax.title.set_fontsize(9)
     return _save(fig, out / "depth_map.png")
 
 
-def mamba_bars(r: CircuitResult, out: Path) -> str:
-    fig, ax = _fig(f"{r.model}: induction path patching per layer ({r.config.get('effect', 'direct')} effect)",
-                   "layer", "p(B) after patching")
+def mamba_bars(r: CircuitResult, out: Path, label: str, key: str) -> str:
+    fig, ax = _fig(f"{label}: induction path patching per layer ({r.config.get('effect', 'direct')} effect)",
+                   "layer", "p(B) after patching", key)
     for offset, (table, color) in enumerate((("state->logit", "tab:blue"), ("y->logit", "tab:orange"))):
         rows = sorted(r.rows[table], key=lambda x: int(x["component"].split()[1]))
         layers = [int(x["component"].split()[1]) for x in rows]
         ax.bar(np.array(layers) + (offset - 0.5) * 0.4, [x["p_B"] for x in rows], width=0.4, color=color, label=table)
         ax.axhline(r.clean[table]["p_B"], color=color, linestyle="--", linewidth=1, label=f"{table}: clean")
     ax.set_xticks(layers)
-    ax.legend()
-    ax.title.set_fontsize(9)
+    _legend_outside(ax)
     return _save(fig, out / f"induction_{_safe(r.model)}.png")
 
 
-def neox_heatmap(r: CircuitResult, out: Path) -> str:
+def neox_heatmap(r: CircuitResult, out: Path, label: str, key: str) -> str:
     rows = r.rows["head->logit"]
     coords = [tuple(int(v) for v in x["component"][1:].split("H")) for x in rows]
     L, H = max(c[0] for c in coords) + 1, max(c[1] for c in coords) + 1
     grid = np.zeros((L, H))
     for (layer, head), x in zip(coords, rows):
         grid[layer, head] = x["drop"]
-    fig, ax = _fig(f"{r.model}: drop in p(B) when one head's last-position output\nis patched "
-                   f"from a random-sequence run (clean p(B) = {r.clean_p:.4f})", "head", "layer", size=(7, 5))
+    fig, ax = _fig(f"{label}: drop in p(B) when one head's last-position output\nis patched "
+                   f"from a random-sequence run (clean p(B) = {r.clean_p:.3g})", "head", "layer", key, size=(7, 5))
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-abs(grid).max(), vmax=abs(grid).max())
     ax.set_xticks(range(H))
     ax.set_yticks(range(L))
     fig.colorbar(im, ax=ax, label="clean p(B) − patched p(B)")
-    ax.title.set_fontsize(9)
     return _save(fig, out / f"induction_heads_{_safe(r.model)}.png")
 
 
-def offbyone_figure(results: list[CircuitResult], out: Path) -> str:
+def offbyone_figure(results: list[CircuitResult], out: Path, labels: dict[str, str], key: str) -> str:
     fig, ax = _fig("Off-by-One: B at position 1; only the write at position p corrupted",
-                   "position p of the corrupted write", "change of B's mean logit")
+                   "position p of the corrupted write", "change of B's mean logit", key)
     for r in results:
         rows = r.rows["write at position p corrupted"]
         ax.plot([x["position"] for x in rows], [x["delta_logit_B"] for x in rows], marker="o",
-                label=f"{r.model} ({r.config['component']})")
+                label=f"{labels.get(r.model, short_name(r.model))}: {r.config['component']}")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([1, 2, 3, 4])
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _save(fig, out / "offbyone.png")
 
 
@@ -152,16 +171,20 @@ def write_report(run_file: Path, out: Path) -> dict:
     root = run_file.resolve().parents[2]  # <cache>/runs/<key>/run.json: its paths are relative to <cache>
     comparisons = [_comparison(root / p) for p in run.get("match", [])]
     circuits = {kind: [_circuit(root / p) for p in paths] for kind, paths in run.get("circuits", {}).items()}
-    figures = [f for f in (mppc_figure(comparisons, out, False), mppc_figure(comparisons, out, True)) if f]
+    key = key_line(run)
+    labels = {run["model_a"]: "A", run["model_b"]: "B"}
+    figures = [f for f in (mppc_figure(comparisons, out, False, key), mppc_figure(comparisons, out, True, key)) if f]
     main = next((c for c in comparisons if c.name == "main"), None)
     if main is not None:
-        figures.append(depth_figure(main, out))
+        figures.append(depth_figure(main, out, key))
     for r in circuits.get("induction", []):
-        figures.append(mamba_bars(r, out) if r.family == "mamba" else neox_heatmap(r, out))
+        label = labels.get(r.model, short_name(r.model))
+        figures.append(mamba_bars(r, out, label, key) if r.family == "mamba" else neox_heatmap(r, out, label, key))
     if circuits.get("offbyone"):
-        figures.append(offbyone_figure(circuits["offbyone"], out))
+        figures.append(offbyone_figure(circuits["offbyone"], out, labels, key))
     lines = [f"# univ report: {run['model_a']} vs {run['model_b']}", "",
-             f"Preset `{run['preset']}`; configuration: `{run_file.resolve().relative_to(root)}` in the cache.", "",
+             f"Preset `{run['preset']}`; configuration: `{run_file.resolve().relative_to(root)}` in the cache. "
+             f"Figures call the models {key}.", "",
              "## SAE quality", "",
              _md(run.get("sae_quality", [])), "", "## MPPC summary", "",
              _md([row for c in comparisons for row in c.summary(run.get("dead_as_zero", False))]), ""]

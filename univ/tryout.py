@@ -1,8 +1,10 @@
 """Everything a try-out of univ needs without the Hugging Face Hub: a generated corpus, a tokenizer
-trained on it, and two models with the real architectures of Pythia-160M and Mamba-130M (univ's
-shipped configs, embeddings sized to that tokenizer) and random weights, saved as local folders.
+trained on it, and two models with random weights, saved as local folders that share the
+tokenizer: Pythia-14M's architecture and a Mamba of the same size (d_model 128, 6 layers), or with
+--real the study's Pythia-160M and Mamba-130M (univ's shipped configs; embeddings sized to the
+tokenizer).
 
-    python -m univ.tryout DIR
+    python -m univ.tryout DIR [--real]
 
 Random weights give meaningless numbers: this shows what univ does and how long it takes, not
 what the study finds.
@@ -17,6 +19,10 @@ from pathlib import Path
 from .architectures import CONFIGS
 
 PAIR = ("pythia-160m", "mamba-130m")
+"""The study's pair (--real)."""
+SMALL = {"pythia-14m": CONFIGS["pythia-14m"],
+         "mamba-14m": {**CONFIGS["mamba-130m"], "hidden_size": 128, "num_hidden_layers": 6, "time_step_rank": 8}}
+"""Pythia-14M and a Mamba of its width and depth (not a published model): the default, minutes on a CPU."""
 
 
 def corpus_and_tokenizer(root: Path, n_docs: int = 3000, words: tuple[int, int] = (50, 400), vocab_size: int = 2000,
@@ -40,15 +46,17 @@ def corpus_and_tokenizer(root: Path, n_docs: int = 3000, words: tuple[int, int] 
                                    pad_token="<|padding|>")
 
 
-def random_model(alias: str, tokenizer, out: Path, seed: int = 0) -> Path:
-    """``alias``'s architecture with random weights and embeddings for ``tokenizer``, saved at ``out``."""
+def random_model(architecture: str | dict, tokenizer, out: Path, seed: int = 0) -> Path:
+    """An architecture (an alias, or config.json fields) with random weights and embeddings for
+    ``tokenizer``, saved at ``out``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     vocab = -(-len(tokenizer) // 8) * 8  # padded to a multiple of 8, as the checkpoints are
-    config = AutoConfig.for_model(**{**CONFIGS[alias], "vocab_size": vocab, "pad_token_id": tokenizer.pad_token_id})
+    fields = CONFIGS[architecture] if isinstance(architecture, str) else architecture
+    config = AutoConfig.for_model(**{**fields, "vocab_size": vocab, "pad_token_id": tokenizer.pad_token_id})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -59,12 +67,16 @@ def random_model(alias: str, tokenizer, out: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0].startswith("-"):
+    real = "--real" in args
+    rest = [a for a in args if a != "--real"]
+    if len(rest) != 1 or rest[0].startswith("-"):
         print(__doc__.strip(), file=sys.stderr)
         sys.exit(2)
-    root = Path(args[0])
+    root = Path(rest[0])
     tokenizer = corpus_and_tokenizer(root)
-    a, b = (random_model(alias, tokenizer, root / f"{alias}-random", seed) for seed, alias in enumerate(PAIR))
+    pair = {alias: alias for alias in PAIR} if real else SMALL
+    a, b = (random_model(arch, tokenizer, root / f"{name}-random", seed)
+            for seed, (name, arch) in enumerate(pair.items()))
     print(f"wrote {root / 'corpus.txt'}, {a} and {b}; now run:\n"
           f"HF_HUB_OFFLINE=1 univ all --model-a {a} --model-b {b} --dataset {root / 'corpus.txt'} "
           f"--preset smoke --cache-dir {root / 'cache'}")
