@@ -366,7 +366,7 @@ def offbyone(
     """The Off-by-One motif: change of B's logit when only the write at position p (B at 1) is corrupted."""
     from . import models
     from .circuit import CircuitConfig
-    from .offbyone import POSITIONS, TABLE, default_induction, run_offbyone
+    from .offbyone import POSITIONS, TABLE, NothingToFollow, default_induction, run_offbyone
 
     results = []
     for name in model:
@@ -382,7 +382,10 @@ def offbyone(
                             effect=effect, head=head if lm.family == "gpt_neox" else None,
                             swap_decay=swap_decay and lm.family == "mamba")
         followed = default_induction(cfg, induction_seqs, induction_state_seqs)
-        results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force, induction=followed))
+        try:
+            results.append(run_offbyone(lm, cfg, cache_dir, mamba_only, force, induction=followed))
+        except NothingToFollow as e:
+            raise UnivError(f"{name}: {e}") from None
     by_position = []
     for p in POSITIONS:
         row = {"position": p}

@@ -457,9 +457,15 @@ def run_fit(cfg: FitConfig, layers: str, cache_dir: Path, cache_cfg: CacheConfig
     else:
         src = models.resolve(cache_cfg.models[0])
         results = fit_stream(cfg, src, cache_cfg, parse_layers(layers, src.n_layers), cache_dir, progress)
+    owner = cache_cfg.models[0] if cache_cfg else str(acts)
     for warning in doubts(results, cfg.batch_size):
-        log.warning("%s: %s", cache_cfg.models[0] if cache_cfg else acts, warning)
+        if (owner, warning) not in _WARNED:  # `univ all` asks for the same SAEs in several stages
+            _WARNED.add((owner, warning))
+            log.warning("%s: %s", owner, warning)
     return results
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 MIN_STEPS = 1000

@@ -63,7 +63,7 @@ def followed(result: CircuitResult, table: str) -> str:
     if not lowering:
         top = max(rows, key=lambda r: r["drop"])
         raise NothingToFollow(
-            f"no {table} component of {result.model}'s induction run lowers p(B) beyond its 95 % interval (largest: "
+            f"no {table} component of the induction run lowers p(B) beyond its 95 % interval (largest: "
             f"{top['component']}, {top['drop']:.2g} ± {top['drop_ci']:.2g}); give --layer (Mamba) or --head "
             "(GPT-NeoX) to follow one anyway")
     return max(lowering, key=lambda r: r["drop"])["component"]
