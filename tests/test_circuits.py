@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from conftest import build_mamba, build_neox
 from univ import models, patching
-from univ.circuit import CircuitConfig, CircuitResult
+from univ.circuit import CircuitConfig, CircuitResult, NothingToFollow, followed
 from univ.induction import induction_data, run_induction
-from univ.offbyone import NothingToFollow, followed, run_offbyone
+from univ.offbyone import run_offbyone
 
 from test_cli import assert_one_line_error, run
 
@@ -273,6 +273,13 @@ def test_offbyone_follows_only_a_component_that_stands_out(planted, tmp_path, ca
         row("L4H2", 0.05, True),
     ]})
     assert followed(result, "head->logit") == "L1H3"
+
+
+def test_k_composition_into_a_head_that_does_not_stand_out_is_flagged(planted, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="univ"):
+        r = run_induction(models.load(planted["neox"], device="cpu"), CircuitConfig(**CFG), tmp_path)
+    assert not any(row["stands_out"] for row in r.rows["head->logit"])
+    assert "K-composition is computed into L" in caplog.text and "which is noise" in caplog.text
 
 
 def test_neox_induction_finds_the_planted_head(planted, tmp_path):

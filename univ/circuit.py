@@ -202,3 +202,22 @@ def result_path(cache_dir: Path, lm: models.LM, experiment: str, cfg: CircuitCon
 
     key = config_key({**asdict(cfg), **extra})
     return cache_dir / "circuits" / model_key(lm.source, Computed.plain(lm.dtype)) / f"{experiment}-{key}.json"
+
+
+class NothingToFollow(UnivError):
+    """The induction run has no component whose patch lowers p(B) beyond its interval."""
+
+
+def followed(result: CircuitResult, table: str) -> str:
+    """The component whose patch lowers p(B) most among those that stand out (their 95 % interval
+    leaves out 0): the authors followed the largest drop, Mamba's layer 17 and Pythia's L5H0. A
+    GPT-NeoX head in layer 0 cannot be an induction head (it sees no earlier token's content)."""
+    rows = [r for r in result.rows[table] if not r["component"].startswith("L0H")]
+    lowering = [r for r in rows if r["stands_out"] and r["drop"] > 0]
+    if not lowering:
+        top = max(rows, key=lambda r: r["drop"])
+        raise NothingToFollow(
+            f"no {table} component of the induction run lowers p(B) beyond its 95 % interval (largest: "
+            f"{top['component']}, {top['drop']:.2g} ± {top['drop_ci']:.2g}); give --layer (Mamba) or --head "
+            "(GPT-NeoX) to follow one anyway")
+    return max(lowering, key=lambda r: r["drop"])["component"]

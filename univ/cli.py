@@ -365,8 +365,8 @@ def offbyone(
 ) -> None:
     """The Off-by-One motif: change of B's logit when only the write at position p (B at 1) is corrupted."""
     from . import models
-    from .circuit import CircuitConfig
-    from .offbyone import POSITIONS, TABLE, NothingToFollow, default_induction, run_offbyone
+    from .circuit import CircuitConfig, NothingToFollow
+    from .offbyone import POSITIONS, TABLE, default_induction, run_offbyone
 
     results = []
     for name in model:

@@ -22,14 +22,17 @@ residual and spliced into the clean run at the last position, the other heads th
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from . import models, patching
-from .circuit import (CircuitConfig, CircuitResult, Means, batches, check, other_ids, parse_head, result_path,
-                      token_ids)
+from .circuit import (CircuitConfig, CircuitResult, Means, NothingToFollow, batches, check, followed,
+                      other_ids, parse_head, result_path, token_ids)
 from .options import parse_layers
 from .progress import bar as progress_bar
+
+log = logging.getLogger("univ")
 
 
 def induction_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
@@ -167,9 +170,14 @@ def neox_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> 
         if cfg.head:
             ind = parse_head(cfg.head, lm)
         else:
-            later = [r for r in result.rows["head->logit"] if not r["component"].startswith("L0H")]
-            top = max(later, key=lambda r: abs(r["drop"]))  # the head whose patch moves p(B) most
-            ind = tuple(int(v) for v in top["component"][1:].split("H"))
+            try:
+                top = followed(result, "head->logit")
+            except NothingToFollow as e:  # still computed, but the table's head is not an induction head
+                later = [r for r in result.rows["head->logit"] if not r["component"].startswith("L0H")]
+                top = max(later, key=lambda r: r["drop"])["component"]
+                log.warning("%s: %s; K-composition is computed into %s, the largest drop, which is noise",
+                            lm.source.name, e.args[0].split("; give")[0], top)
+            ind = tuple(int(v) for v in top[1:].split("H"))
         comp = Means()
         for batch in batches(data, cfg.batch, lm.device):
             last, s1 = torch.full_like(batch["s"], T - 1), batch["s"] + 1

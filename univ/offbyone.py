@@ -20,17 +20,8 @@ from pathlib import Path
 import torch
 
 from . import models, patching
-from .circuit import (
-    CircuitConfig,
-    CircuitResult,
-    Means,
-    batches,
-    check,
-    other_ids,
-    parse_head,
-    result_path,
-    token_ids,
-)
+from .circuit import (CircuitConfig, CircuitResult, Means, batches, check, followed, other_ids, parse_head,
+                      result_path, token_ids)
 from .errors import UnivError
 from .induction import induction_path, run_induction
 
@@ -48,25 +39,6 @@ def offbyone_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]:
     corrupted = x.clone()
     corrupted[:, 1] = other_ids(ids, x[:, 1], g)
     return {"clean": x, "corrupted": corrupted, "b": x[:, 1]}
-
-
-class NothingToFollow(UnivError):
-    """The induction run has no component whose patch lowers p(B) beyond its interval."""
-
-
-def followed(result: CircuitResult, table: str) -> str:
-    """The component whose patch lowers p(B) most among those that stand out (their 95 % interval
-    leaves out 0): the authors followed the largest drop, Mamba's layer 17 and Pythia's L5H0. A
-    GPT-NeoX head in layer 0 cannot be an induction head (it sees no earlier token's content)."""
-    rows = [r for r in result.rows[table] if not r["component"].startswith("L0H")]
-    lowering = [r for r in rows if r["stands_out"] and r["drop"] > 0]
-    if not lowering:
-        top = max(rows, key=lambda r: r["drop"])
-        raise NothingToFollow(
-            f"no {table} component of the induction run lowers p(B) beyond its 95 % interval (largest: "
-            f"{top['component']}, {top['drop']:.2g} ± {top['drop_ci']:.2g}); give --layer (Mamba) or --head "
-            "(GPT-NeoX) to follow one anyway")
-    return max(lowering, key=lambda r: r["drop"])["component"]
 
 
 def default_induction(cfg: CircuitConfig, n_seqs: int | None = None, state_seqs: int | None = None) -> CircuitConfig:

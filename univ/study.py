@@ -18,14 +18,14 @@ from typing import NamedTuple
 
 from . import __version__, files, flags, models
 from .cache import CacheConfig, run_cache
-from .circuit import CircuitConfig
+from .circuit import CircuitConfig, NothingToFollow
 from .errors import UnivError
 from .fit import FitConfig, run_fit
 from .flags import DEFAULT_DATASET
 from .induction import induction_path, run_induction
 from .match import MatchConfig
 from .match_stage import MatchRequest, run_match
-from .offbyone import TABLE, NothingToFollow, offbyone_path, run_offbyone
+from .offbyone import TABLE, offbyone_path, run_offbyone
 from .report import RUNS, write_report
 from .store import config_key
 
