@@ -226,3 +226,47 @@ def test_a_match_that_cannot_fit_is_refused_with_its_numbers(tmp_path, monkeypat
     monkeypatch.setattr("univ.match.os.sysconf", lambda name: 1)
     with pytest.raises(UnivError, match=r"a layer pair needs .* GiB \(18 x 18 features\) and 0.0 GiB are free"):
         compare("main", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+
+
+def test_examples_are_each_features_top_rows_density_and_quantiles(tmp_path):
+    """Collected while encoding (no second pass), they equal what the full feature matrix says."""
+    from univ.examples import TOP_K, Examples
+
+    a, b = _synthetic_pair(tmp_path)
+    c = compare("main", a, b, MatchConfig(device="cpu", batch_rows=1000), tmp_path / "out", progress=False)
+    x = torch.cat([a.stores[0].read_chunk(i)["acts"] for i in sorted(a.stores[0].chunks)])
+    f = a.encoders[0](x)
+    ex = Examples.load(Path(c.path) / c.examples["a"][0])
+    assert ex.n == len(f) == 6000
+    values, rows = f.topk(TOP_K, dim=0)
+    fired = values > 0
+    assert torch.equal(ex.top_rows.long(), torch.where(fired, rows, -1))
+    assert torch.allclose(ex.top_values, torch.where(fired, values, 0.0))
+    assert torch.equal(ex.count, (f != 0).sum(0))
+    for j in range(f.shape[1]):
+        nz = f[:, j][f[:, j] != 0].numpy()
+        expected = np.quantile(nz, [0.5, 0.9, 0.99], method="lower")
+        assert np.allclose(ex.quantiles[:, j].numpy(), expected), j
+    # Shared by any comparison that encodes the same side; a comparison loaded back knows its files.
+    again = compare("again", a, b, MatchConfig(device="cpu"), tmp_path / "out", progress=False)
+    assert (Path(again.path) / again.examples["a"][0]).resolve() == (Path(c.path) / c.examples["a"][0]).resolve()
+
+
+def test_simplicity_proxies_and_their_rank_correlation():
+    from univ.examples import Examples, WindowTokens, proxies, ranks, spearman
+
+    # Feature 0 fires on one token id in one context, feature 1 on four ids in four contexts,
+    # feature 2 never fires.
+    ids = np.array([7, 7, 7, 7, 1, 2, 3, 4])
+    context = np.array([0, 0, 0, 0, 1, 2, 3, 4])
+    window = WindowTokens(ids, context, np.arange(8), np.zeros((5, 8)), np.ones((5, 8), bool))
+    rows = torch.tensor([[0, 4, -1], [1, 5, -1], [2, 6, -1], [3, 7, -1]], dtype=torch.int32)
+    ex = Examples(8, torch.where(rows >= 0, 1.0, 0.0), rows, torch.tensor([4, 4, 0]), torch.zeros(3, 3))
+    p = proxies(ex, window)
+    assert p["token_entropy"][0] == 0 and p["token_entropy"][1] == pytest.approx(2.0)
+    assert p["context_spread"][0] == pytest.approx(0.25) and p["context_spread"][1] == pytest.approx(1.0)
+    assert p["density"].tolist() == [0.5, 0.5, 0.0] and p["token_entropy"][2].isnan()
+    assert ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 35, 40])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([4.0, 3, 2, 1])) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, np.nan]), np.array([1.0, 2.0])) is None

@@ -240,7 +240,7 @@ def match(
     neuron_tokens: str = typer.Option("100k", "--neuron-tokens", help="Window of the neuron comparisons."),
     dead_as_zero: bool = typer.Option(False, "--dead-as-zero", help="Count never-firing features as 0 (the authors' clamp) instead of leaving them out."),
     feature_scale: str = FeatureScaleOpt,
-    table: str = TableOpt("summary, per-layer, depth"),
+    table: str = TableOpt("summary, per-layer, depth, complexity"),
     arch: str = flags.Arch,
     expansion: float = flags.Expansion,
     l1: float = flags.L1,
@@ -287,6 +287,8 @@ def match(
         "summary": [row for c in results for row in c.summary(dead_as_zero)],
         "per-layer": main_result.per_layer(),
         "depth map (mean best correlation of A-layer features within each B layer)": main_result.depth_table(),
+        "complexity (Spearman's rho of MPPC with each simplicity proxy, over live features)":
+            [row for c in results for row in c.complexity_rows()],
     }
     if fmt is Format.json:
         tables["results"] = [{"comparison": c.name, "path": c.path} for c in results]

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from .examples import Collector, Examples, dense_quantiles, sparse_quantiles
+
 CLAMP = 1e-12
 """The authors' floor on the denominator sqrt((nΣf² − (Σf)²)(nΣg² − (Σg)²)), in those n²-scaled
 units (feature/cal_cor/cal_correlation.py): it only ever catches a feature that is constant."""
@@ -37,15 +39,19 @@ class Encoded(NamedTuple):
     """Bool [F]: the feature is non-zero on at least one token."""
     constant: torch.Tensor
     """Bool [F]: the feature takes one value on every token of the window (its correlations are 0)."""
+    examples: Examples | None = None
+    """What each feature fires on (top rows, density, quantiles), collected in the same pass."""
 
     @property
     def is_sparse(self) -> bool:
         return self.dense is None
 
 
-def encode_window(batches, width: int, sparse: bool, device) -> Encoded:
-    """Collect features from an iterator of [rows, F] tensors (already on the device)."""
+def encode_window(batches, width: int, sparse: bool, device, examples: bool = False) -> Encoded:
+    """Collect features from an iterator of [rows, F] tensors (already on the device); with
+    ``examples``, each feature's top activations, density and quantiles on the way."""
     rows, cols, vals, dense = [], [], [], []
+    top = Collector(width, device) if examples else None
     s = torch.zeros(width, dtype=torch.float64, device=device)
     s2 = torch.zeros(width, dtype=torch.float64, device=device)
     lo = torch.full((width,), float("inf"), dtype=torch.float64, device=device)
@@ -57,6 +63,8 @@ def encode_window(batches, width: int, sparse: bool, device) -> Encoded:
         s2 += f64.pow(2).sum(0)
         lo = torch.minimum(lo, f64.amin(0))
         hi = torch.maximum(hi, f64.amax(0))
+        if top is not None:
+            top.add(f, n)
         if sparse:
             r, c = f.nonzero(as_tuple=True)
             rows.append((r + n).int())
@@ -67,8 +75,12 @@ def encode_window(batches, width: int, sparse: bool, device) -> Encoded:
         n += len(f)
     fires, constant = s2 > 0, lo == hi
     if sparse:
-        return Encoded(n, width, torch.cat(rows), torch.cat(cols), torch.cat(vals), None, s, s2, fires, constant)
-    return Encoded(n, width, None, None, None, torch.cat(dense), s, s2, fires, constant)
+        r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+        ex = top.finish(n, sparse_quantiles(c, v, width)) if top is not None else None
+        return Encoded(n, width, r, c, v, None, s, s2, fires, constant, ex)
+    d = torch.cat(dense)
+    ex = top.finish(n, dense_quantiles(d)) if top is not None else None
+    return Encoded(n, width, None, None, None, d, s, s2, fires, constant, ex)
 
 
 def cross_moment(a: Encoded, b: Encoded, block_rows: int = 8192) -> torch.Tensor:

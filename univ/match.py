@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from . import files, models
 from .correlate import Encoded, PairMax, encode_window, pair_max
 from .errors import UnivError
+from .examples import PROXIES, proxies, spearman, token_store_of, window_tokens
 from .progress import bar as progress_bar
 from .store import Store, config_key, slug
 
@@ -82,6 +83,17 @@ class Comparison(NamedTuple):
     depth: torch.Tensor
     """[La, Lb] mean over A-layer-l live features of their best correlation within B-layer m."""
     path: str
+    examples: dict = {}
+    """Side ('a', 'b') -> layer -> its examples file, relative to the comparison's folder."""
+    tokens_store: str | None = None
+    """Key of the token store the window's rows come from."""
+    complexity: dict = {}
+    """Side ('a', 'b') -> proxy -> Spearman's rho between MPPC and the proxy over live features."""
+
+    def complexity_rows(self) -> list[dict]:
+        return [{"comparison": self.name, "direction": direction,
+                 **{f"rho_{p}": self.complexity.get(side, {}).get(p) for p in PROXIES}}
+                for side, direction in (("a", f"{self.a} -> {self.b}"), ("b", f"{self.b} -> {self.a}"))]
 
     def summary(self, dead_as_zero: bool) -> list[dict]:
         rows = []
@@ -139,7 +151,9 @@ def check_paired(a: Side, b: Side) -> None:
                         "cache both from the same corpus and tokenizer")
 
 
-def _encode(side: Side, layer: int, n: int, cfg: MatchConfig, device) -> Encoded:
+def _encode(side: Side, layer: int, n: int, cfg: MatchConfig, device, examples: Path | None = None) -> Encoded:
+    """One layer's features over the window; with ``examples`` (a file), what each feature fires on
+    is collected on the way and written there unless it already is."""
     store, encoder = side.stores[layer], side.encoders[layer]
 
     def batches():
@@ -156,7 +170,26 @@ def _encode(side: Side, layer: int, n: int, cfg: MatchConfig, device) -> Encoded
 
     first = store.read_chunk(min(store.chunks))["acts"][:1].to(device)
     width = (encoder(first.float()) if encoder is not None else first).shape[-1]
-    return encode_window(batches(), width, sparse=encoder is not None, device=device)
+    enc = encode_window(batches(), width, sparse=encoder is not None, device=device, examples=examples is not None)
+    if examples is not None and not examples.is_file():
+        enc.examples.save(examples)
+    return enc
+
+
+def examples_dir(out_root: Path, side: Side, n: int) -> Path:
+    """Where a side's examples live: keyed by what fixes its features and the window, so every
+    comparison that encodes the same side shares them."""
+    return out_root / "examples" / f"{slug(side.label)}-{config_key({'side': side.ident, 'tokens': n})}"
+
+
+def _complexity(side: Side, exs: list, value: torch.Tensor, fires: torch.Tensor, n: int, cache_dir: Path) -> dict:
+    """Spearman's rho between each live feature's MPPC and each simplicity proxy."""
+    tstore = token_store_of(side.stores[min(side.stores)], cache_dir)
+    window = window_tokens(tstore, n) if tstore is not None else None
+    per_layer = [proxies(ex, window) for ex in exs]
+    alive = fires.flatten().cpu().numpy()
+    mppc = value.flatten().double().cpu().numpy()[alive]
+    return {p: spearman(mppc, torch.cat([x[p] for x in per_layer]).numpy()[alive]) for p in PROXIES}
 
 
 def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progress: bool = True) -> Comparison:
@@ -170,15 +203,16 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
         return saved
     device = models.resolve_device(cfg.device)
     la, lb = sorted(a.stores), sorted(b.stores)
+    ex_dirs = {"a": examples_dir(out_root, a, n), "b": examples_dir(out_root, b, n)}
     # B's layers are encoded once and kept; A's one at a time: memory holds B and one layer of A.
     with progress_bar(len(lb), f"match {name}: encode {b.label}", "layer", 0, progress) as bar:
         enc_b = {}
         for layer in lb:
-            enc_b[layer] = _encode(b, layer, n, cfg, device)
+            enc_b[layer] = _encode(b, layer, n, cfg, device, ex_dirs["b"] / f"layer-{layer}.safetensors")
             bar.update()
     fb = enc_b[lb[0]].width
     a_val = a_lay = a_idx = None
-    a_fires = []
+    a_fires, ex_a = [], []
     b_val = torch.full((len(lb), fb), -2.0, dtype=torch.float64, device=device)
     b_lay = torch.zeros(len(lb), fb, dtype=torch.long, device=device)
     b_idx = torch.zeros_like(b_lay)
@@ -186,7 +220,8 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
     pairs = out / "pairs"  # each finished layer pair, so that an interrupted match resumes there
     with progress_bar(len(la) * len(lb), f"match {name}", "layer pair", 0, progress) as bar:
         for i, l_a in enumerate(la):
-            enc_a = _encode(a, l_a, n, cfg, device)
+            enc_a = _encode(a, l_a, n, cfg, device, ex_dirs["a"] / f"layer-{l_a}.safetensors")
+            ex_a.append(enc_a.examples)
             if a_val is None:
                 _check_memory(enc_a, enc_b, device)
                 a_val = torch.full((len(la), enc_a.width), -2.0, dtype=torch.float64, device=device)
@@ -207,11 +242,17 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
                 b_idx[j] = torch.where(better, pm.b_index, b_idx[j])
                 bar.update()
             del enc_a
+    b_fires = torch.stack([enc_b[l].fires for l in lb]).cpu()
+    cache_dir = out_root.parent
+    complexity = {"a": _complexity(a, ex_a, a_val, torch.stack(a_fires), n, cache_dir),
+                  "b": _complexity(b, [enc_b[l].examples for l in lb], b_val, b_fires, n, cache_dir)}
+    examples = {side: {layer: os.path.relpath(ex_dirs[side] / f"layer-{layer}.safetensors", out)
+                       for layer in layers} for side, layers in (("a", la), ("b", lb))}
     result = Comparison(name, a.label, b.label, la, lb, n,
                         a_val.float().cpu(), a_lay.cpu(), a_idx.cpu(), torch.stack(a_fires).cpu(),
-                        b_val.float().cpu(), b_lay.cpu(), b_idx.cpu(),
-                        torch.stack([enc_b[l].fires for l in lb]).cpu(),
-                        depth.float().cpu(), str(out))
+                        b_val.float().cpu(), b_lay.cpu(), b_idx.cpu(), b_fires,
+                        depth.float().cpu(), str(out), examples,
+                        a.stores[la[0]].config.get("tokens_store"), complexity)
     _save(result, out, {"a": a.ident, "b": b.ident})
     shutil.rmtree(pairs, ignore_errors=True)
     return result
@@ -256,7 +297,7 @@ def _save(c: Comparison, out: Path, ident: dict) -> None:
     files.write_bytes(out / "mppc.safetensors", data)
     meta = {"name": c.name, "a": c.a, "b": c.b, "layers_a": c.layers_a, "layers_b": c.layers_b,
             "tokens": c.tokens, "mppc_sha256": hashlib.sha256(data).hexdigest(), "feature_scale": {side: ident[side].get("feature_scale") for side in ident},
-            "inputs": ident,
+            "inputs": ident, "examples": c.examples, "tokens_store": c.tokens_store, "complexity": c.complexity,
             "summary": c.summary(False), "summary_dead_as_zero": c.summary(True)}
     files.write_json(out / "summary.json", meta)  # last: its presence marks a finished comparison
 
@@ -270,7 +311,9 @@ def load_comparison(out: Path) -> Comparison | None:
             log.warning("%s is corrupt (sha256 differs from summary.json); it will be computed again", out)
             return None
         t = st_load(data)
+        examples = {side: {int(layer): f for layer, f in by_layer.items()} for side, by_layer in meta["examples"].items()}
         return Comparison(meta["name"], meta["a"], meta["b"], meta["layers_a"], meta["layers_b"], meta["tokens"],
-                          *(t[k] for k in _TENSORS[:-1]), t["depth"], str(out))
+                          *(t[k] for k in _TENSORS[:-1]), t["depth"], str(out), examples, meta["tokens_store"],
+                          meta["complexity"])
     except Exception:  # missing, truncated or not what this univ writes: compute it again
         return None
