@@ -474,11 +474,11 @@ def report(
     run: Path = typer.Option(None, "--run", help="A run.json (default: the latest run in the cache)."),
     fmt: Format = FormatOpt,
 ) -> None:
-    """report.md and PNG figures from the cache, without recomputing anything."""
+    """report.md, PNG figures and index.html (the feature-pair explorer) from the cache, without recomputing anything."""
     from .report import latest_run, write_report
 
     written = write_report(run or latest_run(cache_dir), out or cache_dir / "report")
-    typer.echo(render({"report": [{"file": f} for f in [written["report"], *written["figures"]]]}, fmt))
+    typer.echo(render({"report": [{"file": f} for f in [written["report"], written["page"], *written["figures"]]]}, fmt))
 
 
 def main(argv: list[str] | None = None) -> None:

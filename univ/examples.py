@@ -141,17 +141,19 @@ def window_tokens(tstore: Store, n: int) -> WindowTokens:
     return WindowTokens(tokens[context, position][:n], context[:n], position[:n], tokens, mask)
 
 
+def token_store(cache_root: Path, key: str | None) -> Store | None:
+    """The token store of that key in a cache, if it is there."""
+    if key is None or not (tokens_dir(cache_root, key) / "manifest.json").is_file():
+        return None
+    return Store.read(tokens_dir(cache_root, key))
+
+
 def token_store_of(store: Store, cache_dir: Path) -> Store | None:
     """The token store an activation store was cached from, if it is in the cache (stores given by
     path from elsewhere may have left theirs behind)."""
     key = store.config.get("tokens_store")
-    if key is None:
-        return None
-    for root in (cache_dir, store.path.parents[3] if len(store.path.parents) > 3 else cache_dir):
-        path = tokens_dir(root, key)
-        if (path / "manifest.json").is_file():
-            return Store.read(path)
-    return None
+    roots = [cache_dir] + ([store.path.parents[3]] if len(store.path.parents) > 3 else [])
+    return next((t for t in (token_store(root, key) for root in roots) if t is not None), None)
 
 
 # -- how simple a feature is ----------------------------------------------------------------------

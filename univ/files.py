@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -20,6 +22,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's 0600 hides the report from others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -17,9 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from .errors import UnivError  # noqa: E402
-from . import files  # noqa: E402
+import torch  # noqa: E402
+
+from . import files, models  # noqa: E402
 from .circuit import CircuitResult  # noqa: E402
+from .errors import UnivError  # noqa: E402
+from .examples import PROXIES, proxies  # noqa: E402
+from .explorer import examples_of, windows_of, write_explorer  # noqa: E402
 from .match import load_comparison  # noqa: E402
 
 RUNS = "runs"
@@ -139,6 +143,33 @@ def offbyone_figure(results: list[CircuitResult], out: Path, labels: dict[str, s
     return _save(fig, out / "offbyone.png")
 
 
+def complexity_figure(c, examples: dict, window, out: Path, key: str) -> str | None:
+    """MPPC of A's live features against each simplicity proxy (the paper: the simplest features
+    match best), with Spearman's rho."""
+    exs = [examples["a"].get(layer) for layer in c.layers_a]
+    if any(ex is None for ex in exs):
+        return None
+    per_layer = [proxies(ex, window) for ex in exs]
+    alive = c.a_fires.flatten().numpy()
+    mppc = c.a_value.flatten().numpy()[alive]
+    shown = [p for p in PROXIES if not np.isnan(torch.cat([x[p] for x in per_layer]).numpy()[alive]).all()]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.8), dpi=120, squeeze=False)
+    labels = {"token_entropy": "entropy of the top tokens (bits)", "density": "firing density (log10)",
+              "context_spread": "distinct contexts among the top 20"}
+    for ax, p in zip(axes[0], shown):
+        x = torch.cat([v[p] for v in per_layer]).numpy()[alive]
+        if p == "density":
+            x = np.log10(np.maximum(x, 1e-9))
+        ax.hexbin(x, mppc, gridsize=30, mincnt=1, cmap="viridis", bins="log")
+        rho = c.complexity.get("a", {}).get(p)
+        ax.set_title(f"Spearman's rho {rho:.2g}" if rho is not None else "", fontsize=9)
+        ax.set_xlabel(labels[p], fontsize=9)
+        ax.set_ylabel("MPPC" if p == shown[0] else "")
+    fig.suptitle(f"MPPC of A's features against how simple they are ({ROLES.get(c.name, c.name)})", fontsize=10)
+    fig.text(0.01, 0.005, key, fontsize=7, color="0.35", ha="left", va="bottom")
+    return _save(fig, out / "mppc_vs_simplicity.png")
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(name).name or name)
 
@@ -173,10 +204,14 @@ def write_report(run_file: Path, out: Path) -> dict:
     circuits = {kind: [_circuit(root / p) for p in paths] for kind, paths in run.get("circuits", {}).items()}
     key = key_line(run)
     labels = {run["model_a"]: "A", run["model_b"]: "B"}
+    examples = [examples_of(c) for c in comparisons]
+    windows = windows_of(comparisons, root)
     figures = [f for f in (mppc_figure(comparisons, out, False, key), mppc_figure(comparisons, out, True, key)) if f]
     main = next((c for c in comparisons if c.name == "main"), None)
     if main is not None:
         figures.append(depth_figure(main, out, key))
+        simplicity = complexity_figure(main, examples[comparisons.index(main)], windows[main.tokens_store], out, key)
+        figures += [simplicity] if simplicity else []
     for r in circuits.get("induction", []):
         label = labels.get(r.model, short_name(r.model))
         figures.append(mamba_bars(r, out, label, key) if r.family == "mamba" else neox_heatmap(r, out, label, key))
@@ -188,6 +223,11 @@ def write_report(run_file: Path, out: Path) -> dict:
              "## SAE quality", "",
              _md(run.get("sae_quality", [])), "", "## MPPC summary", "",
              _md([row for c in comparisons for row in c.summary(run.get("dead_as_zero", False))]), ""]
+    complexity = [row for c in comparisons for row in c.complexity_rows()]
+    lines += ["## MPPC and simplicity", "", "Spearman's rho between a live feature's MPPC and each proxy of how "
+              "simple it is: the entropy of the token ids at its top 20 activations, its firing density, and the "
+              "fraction of distinct contexts among them (the paper: the simplest features match best, so a "
+              "negative rho for entropy).", "", _md(complexity), ""]
     if main is not None:
         lines += ["## Depth map", "", _md(main.depth_table()), ""]
     for r in circuits.get("induction", []):
@@ -203,6 +243,22 @@ def write_report(run_file: Path, out: Path) -> dict:
         for skip in run.get("skipped", []):
             lines += [f"### {skip['model']}", "", f"Not run: {skip['why']}.", ""]
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    lines += ["The feature pairs, side by side with their top-activating contexts: `index.html` (opens from "
+              "disk in a browser).", ""]
     report = out / "report.md"
     files.write_text(report, "\n".join(lines))
-    return {"report": str(report), "figures": [str(out / f) for f in figures]}
+    tables = {"SAE quality": run.get("sae_quality", []),
+              "MPPC summary": [row for c in comparisons for row in c.summary(run.get("dead_as_zero", False))],
+              "MPPC and simplicity (Spearman's rho)": complexity,
+              **({"depth map": main.depth_table()} if main is not None else {})}
+    page = write_explorer(comparisons, examples, windows, out, _tokenizer(run), tables, figures,
+                          f"univ report: {short_name(run['model_a'])} vs {short_name(run['model_b'])}", key, ROLES)
+    return {"report": str(report), "figures": [str(out / f) for f in figures], "page": str(page)}
+
+
+def _tokenizer(run: dict):
+    """A's tokenizer, to show the contexts as text; None (token ids shown) when it cannot be had."""
+    try:
+        return models.load_tokenizer(models.resolve(run["model_a"]))
+    except UnivError:
+        return None
