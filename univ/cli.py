@@ -481,6 +481,20 @@ def report(
     typer.echo(render({"report": [{"file": f} for f in [written["report"], written["page"], *written["figures"]]]}, fmt))
 
 
+@app.command("export-sae")
+@user_errors
+def export_sae(
+    sae_dir: Path = typer.Argument(..., help="An SAE folder (cfg.json, sae.safetensors), or a folder of them (e.g. univ-cache/saes/<model>)."),
+    out: Path = typer.Argument(..., help="Where to write (the same sub-folders for several SAEs)."),
+    to: str = typer.Option("saelens", "--to", help="Format: saelens (cfg.json + sae_weights.safetensors, SAELens >= 6)."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Write univ's SAEs in another tool's layout, with univ's normalisation declared or folded in."""
+    from .export import export
+
+    typer.echo(render({"export-sae": [{"written": str(p)} for p in export(sae_dir, to, out)]}, fmt))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `univ` console script and of `python univ.py`."""
     command = typer.main.get_command(app)
