@@ -46,6 +46,8 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
     assert whats.count("SAE quality") == 2
     for name in ("MPPC main", "MPPC random-init", "MPPC sae-seed", "MPPC neurons", "MPPC neurons random-init"):
         assert whats.count(name) == 2, name
+    assert whats.count("MPPC vs simplicity") == 2 and set(numbers["MPPC vs simplicity"]) == {
+        "token_entropy", "density", "context_spread"}
     assert whats.count("induction (head->logit)") == 1 and whats.count("induction (state->logit)") == 1
     # Random tiny models never learned induction: no component stands out, so there is nothing
     # for the off-by-one analysis to follow, and the summary says so rather than following noise.

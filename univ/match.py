@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from . import files, models
 from .correlate import Encoded, PairMax, encode_window, pair_max
 from .errors import UnivError
-from .examples import PROXIES, proxies, spearman, token_store_of, window_tokens
+from .examples import PROXIES, QUANTILES, TOP_K, proxies, spearman, token_store_of, window_tokens
 from .progress import bar as progress_bar
 from .store import Store, config_key, slug
 
@@ -204,6 +204,10 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
     device = models.resolve_device(cfg.device)
     la, lb = sorted(a.stores), sorted(b.stores)
     ex_dirs = {"a": examples_dir(out_root, a, n), "b": examples_dir(out_root, b, n)}
+    for side, d in ((a, ex_dirs["a"]), (b, ex_dirs["b"])):
+        if not (d / "config.json").is_file():
+            files.write_json(d / "config.json", {"side": side.label, "features": side.ident, "tokens": n,
+                                                 "top_k": TOP_K, "quantiles": list(QUANTILES)})
     # B's layers are encoded once and kept; A's one at a time: memory holds B and one layer of A.
     with progress_bar(len(lb), f"match {name}: encode {b.label}", "layer", 0, progress) as bar:
         enc_b = {}

@@ -232,6 +232,15 @@ def summary(quality, comparisons, induction, offbyone, skipped=()) -> list[dict]
                          "result": f"alive {row['alive']}/{row['features']}, mean {row['mean']:.3f}, "
                                    f"median {row['median']:.3f}, >=0.7 {row['>=0.7']:.3f}",
                          "values": {k: v for k, v in row.items() if k not in ("comparison", "direction")}})
+    for c in comparisons:
+        if c.name != "main":
+            continue
+        for row in c.complexity_rows():
+            rhos = {k[len("rho_"):]: v for k, v in row.items() if k.startswith("rho_")}
+            rows.append({"what": "MPPC vs simplicity", "subject": row["direction"],
+                         "result": "Spearman's rho with " + ", ".join(
+                             f"{k.replace('_', ' ')} {'n/a' if v is None else f'{v:+.2f}'}" for k, v in rhos.items()),
+                         "values": rhos})
     for r in induction:
         table = "state->logit" if r.family == "mamba" else "head->logit"
         top, clean = r.rows[table][0], r.clean[table]
