@@ -129,6 +129,12 @@ class WindowTokens(NamedTuple):
     mask: np.ndarray
     """[contexts, ctx_len] kept positions."""
 
+    def span(self, row: int) -> tuple[int, int]:
+        """First and last row (inclusive) of the context ``row`` belongs to (rows of one context
+        are consecutive)."""
+        c = self.context[row]
+        return int(np.searchsorted(self.context, c, "left")), int(np.searchsorted(self.context, c, "right")) - 1
+
 
 def window_tokens(tstore: Store, n: int) -> WindowTokens:
     toks, masks = [], []

@@ -33,27 +33,25 @@ def _js(call: str, *args) -> str:
     return f"{call}({','.join(json.dumps(a, separators=(',', ':')) for a in args)});\n"
 
 
-def _window(w: WindowTokens, row: int) -> tuple[int, int]:
-    """First and last row (inclusive) of the ±HALF window around ``row``, within its context."""
-    ctx = w.context[row]
-    lo, hi = max(0, row - HALF), min(len(w.ids) - 1, row + HALF)
-    while w.context[lo] != ctx:
-        lo += 1
-    while w.context[hi] != ctx:
-        hi -= 1
-    return lo, hi
-
-
 def _id_type(w: WindowTokens | None) -> str:
     """Token ids in two bytes when the vocabulary allows (GPT-NeoX's does), else four."""
     return "<u2" if w is None or int(w.ids.max(initial=0)) < 2**16 else "<u4"
 
 
-def _feature_examples(ex: Examples, feature: int, w: WindowTokens | None, windows: dict) -> list:
+class _Columns:
+    """One side-layer's examples, feature by feature, as Python lists (read once, used by every
+    feature that names it as partner)."""
+
+    def __init__(self, ex: Examples):
+        self.rows = ex.top_rows.T.tolist()
+        self.values = ex.top_values.T.tolist()
+        self.density = (ex.count.double() / max(ex.n, 1)).tolist()
+
+
+def _feature_examples(cols: _Columns, feature: int, w: WindowTokens | None, id_type: str, windows: dict) -> list:
     """[[row, value, [[row, value], ...known activations in its window]], ...] of the top SHOWN rows;
     the windows they need are added to ``windows`` (row -> [first row, base64 ids])."""
-    rows = ex.top_rows[:, feature].tolist()
-    values = ex.top_values[:, feature].tolist()
+    rows, values = cols.rows[feature], cols.values[feature]
     known = {r: v for r, v in zip(rows, values) if r >= 0}
     out = []
     for r, v in list(zip(rows, values))[:SHOWN]:
@@ -61,37 +59,43 @@ def _feature_examples(ex: Examples, feature: int, w: WindowTokens | None, window
             break
         near = []
         if w is not None:
-            lo, hi = _window(w, r)
+            first, last = w.span(r)
+            lo, hi = max(first, r - HALF), min(last, r + HALF)
             if r not in windows:
-                windows[r] = [lo, base64.b64encode(w.ids[lo:hi + 1].astype(_id_type(w)).tobytes()).decode()]
-            near = [[q, round(known[q], 4)] for q in range(lo, hi + 1) if q in known and q != r]
+                windows[r] = [lo, base64.b64encode(w.ids[lo:hi + 1].astype(id_type).tobytes()).decode()]
+            near = [[q, round(known[q], 4)] for q in known if lo <= q <= hi and q != r]
         out.append([r, round(v, 4), near])
     return out
 
 
-def _layer_file(c, side_ex: dict, layer_index: int, w: WindowTokens | None, used: set) -> dict:
+def columns(side_ex: dict) -> dict:
+    """examples_of(c) with each Examples as _Columns (None where missing)."""
+    return {side: {layer: _Columns(ex) if ex is not None else None for layer, ex in by_layer.items()}
+            for side, by_layer in side_ex.items()}
+
+
+def _layer_file(c, cols: dict, layer_index: int, w: WindowTokens | None, used: set) -> dict:
     """One A layer of a comparison: its live features sorted by MPPC (best first), each with its
-    partner in B and both features' top contexts."""
+    partner in B and both features' top contexts. ``cols``: columns(examples_of(c))."""
     la = c.layers_a[layer_index]
-    a_ex = side_ex["a"].get(la)
+    a_cols, b_cols = cols["a"].get(la), {m: x for m, x in cols["b"].items() if x is not None}
     fires = c.a_fires[layer_index].numpy()
     value = c.a_value[layer_index].numpy()
     order = [int(i) for i in np.argsort(-value, kind="stable") if fires[i]]
+    partner_layer, partner = c.a_layer[layer_index].tolist(), c.a_index[layer_index].tolist()
+    id_type = _id_type(w)
     windows: dict = {}
     features = []
     for i in order:
-        m = int(c.a_layer[layer_index, i])
-        j = int(c.a_index[layer_index, i])
-        b_ex = side_ex["b"].get(c.layers_b[m])
+        m, j = c.layers_b[partner_layer[i]], partner[i]
         features.append([
-            i, round(float(value[i]), 4), c.layers_b[m], j,
-            float(a_ex.count[i]) / a_ex.n if a_ex is not None else None,
-            _feature_examples(a_ex, i, w, windows) if a_ex is not None else [],
-            _feature_examples(b_ex, j, w, windows) if b_ex is not None else [],
+            i, round(float(value[i]), 4), m, j, a_cols.density[i] if a_cols else None,
+            _feature_examples(a_cols, i, w, id_type, windows) if a_cols else [],
+            _feature_examples(b_cols[m], j, w, id_type, windows) if m in b_cols else [],
         ])
     for _, b64 in windows.values():
-        used.update(np.frombuffer(base64.b64decode(b64), dtype=_id_type(w)).tolist())
-    return {"layer": la, "features": features, "id_bytes": int(_id_type(w)[-1]),
+        used.update(np.frombuffer(base64.b64decode(b64), dtype=id_type).tolist())
+    return {"layer": la, "features": features, "id_bytes": int(id_type[-1]),
             "windows": {str(r): v for r, v in windows.items()}}
 
 
@@ -129,10 +133,11 @@ def write_explorer(comparisons: list, examples: list[dict], windows: dict, out: 
     index = []
     for c, side_ex in zip(comparisons, examples):
         w = windows[c.tokens_store]
+        cols = columns(side_ex)
         layers = []
         for k, la in enumerate(c.layers_a):
             name = f"{slug(c.name)}-a{la}"
-            files.write_text(data_dir / f"{name}.js", _js("univ.layer", name, _layer_file(c, side_ex, k, w, used)))
+            files.write_text(data_dir / f"{name}.js", _js("univ.layer", name, _layer_file(c, cols, k, w, used)))
             layers.append({"layer": la, "file": name})
         index.append({"name": c.name, "label": labels.get(c.name, f"{c.a} vs {c.b}"), "layers": layers})
     files.write_text(data_dir / "vocab.js", _js("univ.vocab", _vocab(tokenizer, used)))
