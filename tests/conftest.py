@@ -74,6 +74,27 @@ def build_mamba(path, tokenizer, layers=3, seed=0):
     return path
 
 
+def build_rwkv(path, tokenizer, layers=3, seed=0, rescale_every=2):
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, attention_hidden_size=32,
+                     intermediate_size=128, context_length=64, rescale_every=rescale_every, bos_token_id=0,
+                     eos_token_id=0)
+    model = RwkvForCausalLM(cfg)
+    with torch.no_grad():  # transformers initialises the decays to constants; make channels differ
+        for block in model.rwkv.blocks:
+            block.attention.time_decay.normal_(0, 1)
+            block.attention.time_first.normal_(0, 1)
+            for p in (block.attention.time_mix_key, block.attention.time_mix_value,
+                      block.attention.time_mix_receptance, block.feed_forward.time_mix_key,
+                      block.feed_forward.time_mix_receptance):
+                p.uniform_(0, 1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_mamba_ssm(path, hf_dir, with_tokenizer=True):
     """The same weights as hf_dir, laid out as an original mamba-ssm checkpoint."""
     from safetensors.torch import load_file

@@ -64,7 +64,7 @@ def test_all_smoke_then_report_then_resume(assets, tmp_path, capsys, monkeypatch
         with open(figure, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     report_md = open(written["report"]).read()
-    assert "## SAE quality" in report_md and "## Off-by-One" in report_md and "Not run: no " in report_md
+    assert "## SAE quality" in report_md and "## Not run" in report_md and "- offbyone of " in report_md
 
     # Each stage's rerun command (in run.json, and in the error when a stage fails) is the stage as
     # `univ all` ran it: run alone, it finds everything in the cache and writes nothing new.

@@ -15,6 +15,8 @@ _PYTHIA = {
 }
 # Mamba (the -hf conversions): d_model, layers.
 _MAMBA = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+# RWKV-4 trained on the Pile: d_model, layers.
+_RWKV = {"169m": (768, 12), "430m": (1024, 24), "1b5": (2048, 24), "3b": (2560, 32)}
 
 
 def _pythia(d: int, layers: int, heads: int, mlp: int, vocab: int) -> dict:
@@ -32,10 +34,18 @@ def _mamba(d: int, layers: int) -> dict:
             "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 
+def _rwkv(d: int, layers: int) -> dict:
+    return {"model_type": "rwkv", "architectures": ["RwkvForCausalLM"], "hidden_size": d, "num_hidden_layers": layers,
+            "attention_hidden_size": d, "intermediate_size": 4 * d, "vocab_size": 50277, "context_length": 1024,
+            "layer_norm_epsilon": 1e-5, "rescale_every": 6, "tie_word_embeddings": False,
+            "bos_token_id": 0, "eos_token_id": 0}
+
+
 CONFIGS: dict[str, dict] = {
     **{f"pythia-{s}": _pythia(*v) for s, v in _PYTHIA.items()},
     **{f"pythia-{s}-deduped": _pythia(*v) for s, v in _PYTHIA.items()},
     **{f"pythia-160m-seed{n}": _pythia(*_PYTHIA["160m"]) for n in range(1, 10)},
     **{f"mamba-{s}": _mamba(*v) for s, v in _MAMBA.items()},
+    **{f"rwkv-{s}": _rwkv(*v) for s, v in _RWKV.items()},
 }
 """Alias -> its checkpoint's architecture (config.json fields)."""

@@ -21,17 +21,19 @@ from .errors import UnivError
 
 PYTHIA_SIZES = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
 MAMBA_SIZES = ["130m", "370m", "790m", "1.4b", "2.8b"]
+RWKV_SIZES = ["169m", "430m", "1b5", "3b"]
 
 ALIASES: dict[str, str] = {
     **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in PYTHIA_SIZES},
     **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in PYTHIA_SIZES},
     **{f"pythia-160m-seed{n}": f"EleutherAI/pythia-160m-seed{n}" for n in range(1, 10)},
     **{f"mamba-{s}": f"state-spaces/mamba-{s}-hf" for s in MAMBA_SIZES},
+    **{f"rwkv-{s}": f"RWKV/rwkv-4-{s}-pile" for s in RWKV_SIZES},
 }
 
 # Original mamba-ssm checkpoints ship no tokenizer; the Mamba models were trained with this one.
 MAMBA_SSM_TOKENIZER = "EleutherAI/gpt-neox-20b"
-FAMILIES = ("gpt_neox", "mamba")
+FAMILIES = ("gpt_neox", "mamba", "rwkv")
 
 
 @dataclass(frozen=True)
@@ -332,16 +334,19 @@ class LM:
         """The study's 'neurons' of the given layers: [len(layers), batch, pos, width]."""
         raise NotImplementedError
 
-    reads_through_layernorm = False
-    """Every block reads the residual stream through LayerNorm, so its per-token mean over d_model
-    is invisible to the model; TransformerLens' default processing removes it."""
+    centre_layernorm = False
+    """Whether --centre layernorm centres this family's residual stream: GPT-NeoX's, which every
+    block reads through LayerNorm, so that its per-token mean over d_model is invisible to the
+    model and TransformerLens' default processing (the authors' Pythia caching) removes it. Not
+    Mamba's (RMSNorm sees the mean), not RWKV's (it reads through LayerNorm too, but the authors
+    cached transformers' hidden states as they are)."""
 
     def activations(self, hook: str, tokens: torch.Tensor, layers: list[int], centre: bool = False) -> torch.Tensor:
         """resid_post or neurons, by hook kind. ``centre``: resid_post minus its per-token mean over
         d_model, for a model that reads through LayerNorm (what TransformerLens caches)."""
         if hook == "resid_post":
             resid = self.resid(tokens, layers)
-            if centre and self.reads_through_layernorm:
+            if centre and self.centre_layernorm:
                 resid = (resid.float() - resid.float().mean(-1, keepdim=True)).to(resid.dtype)
             return resid
         if hook == "neurons":
@@ -369,7 +374,7 @@ class LM:
 
 class GPTNeoXLM(LM):
     family = "gpt_neox"
-    reads_through_layernorm = True
+    centre_layernorm = True
 
     def body(self):
         return self.model.gpt_neox
@@ -408,6 +413,57 @@ class MambaLM(LM):
         return torch.stack(mamba.neurons(self.model, tokens.to(self.device), layers))
 
 
+class RwkvLM(LM):
+    """RWKV-4 (transformers' RwkvForCausalLM), its WKV computed by univ (wkv.py): transformers'
+    own is a Python loop over positions on the CPU and needs a Hub kernel on CUDA.
+
+    resid_post.l is what transformers lists as hidden_states[l] (what the authors cached): block
+    l's output, halved after every ``rescale_every``-th block, as transformers' inference mode
+    rescales (its weights are divided by 2 every ``rescale_every`` blocks to keep fp16 in range,
+    so the stream is scaled down by 2 there). The last block's output is taken before ``ln_out``,
+    the final LayerNorm that feeds the head."""
+
+    family = "rwkv"
+
+    def body(self):
+        return self.model.rwkv
+
+    def blocks(self):
+        return self.model.rwkv.blocks
+
+    def _halved(self, layer: int) -> bool:
+        every = int(self.model.config.rescale_every or 0)
+        return every > 0 and (layer + 1) % every == 0
+
+    @torch.no_grad()
+    def capture(self, modules: dict[int, nn.Module], tokens: torch.Tensor) -> torch.Tensor:
+        from . import wkv
+
+        with wkv.in_transformers():
+            return super().capture(modules, tokens)
+
+    def resid(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        out = super().resid(tokens, layers)
+        halve = torch.tensor([0.5 if self._halved(layer) else 1.0 for layer in layers], dtype=out.dtype,
+                             device=out.device)
+        return out * halve[:, None, None, None]
+
+    def neurons(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """The channel mix's hidden activation, ReLU(key)², intermediate_size (4·d_model) per layer."""
+        keys = self.capture({layer: self.blocks()[layer].feed_forward.key for layer in layers}, tokens)
+        return torch.square(torch.relu(keys))
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, replace: dict | None = None) -> torch.Tensor:
+        from . import wkv
+
+        # ``replace`` sees resid_post as defined above: undo the halving around it.
+        replace = {layer: (lambda x, fn=fn: 2 * fn(x / 2)) if self._halved(layer) else fn
+                   for layer, fn in (replace or {}).items()}
+        with wkv.in_transformers():
+            return super().logits(tokens, replace)
+
+
 def has_mamba_kernels() -> bool:
     """mamba-ssm and causal-conv1d importable (the optional 'kernels' extra)."""
     import importlib.util
@@ -415,14 +471,14 @@ def has_mamba_kernels() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
 
 
-ADAPTERS = {"gpt_neox": GPTNeoXLM, "mamba": MambaLM}
+ADAPTERS = {"gpt_neox": GPTNeoXLM, "mamba": MambaLM, "rwkv": RwkvLM}
 
 
 def centred(src: ModelSource, centre: str) -> bool:
     """Whether `centre` ('layernorm' or 'none') centres this model's residual stream."""
     if centre not in CENTRES:
         raise UnivError(f"unknown --centre {centre!r} (use {' or '.join(CENTRES)})")
-    return centre == "layernorm" and ADAPTERS[src.family].reads_through_layernorm
+    return centre == "layernorm" and ADAPTERS[src.family].centre_layernorm
 
 
 CENTRES = ("layernorm", "none")

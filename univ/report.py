@@ -236,12 +236,13 @@ def write_report(run_file: Path, out: Path) -> dict:
             clean = r.clean[name]
             lines += [f"### {name} (top 10 by drop in p(B); clean p(B) = {clean['p_B']:.4g} over {clean['n_seqs']} "
                       "sequences)", "", _md(rows[:10]), ""]
-    if circuits.get("offbyone") or run.get("skipped"):
+    if circuits.get("offbyone"):
         lines += ["## Off-by-One", ""]
         for r in circuits.get("offbyone", []):
             lines += [f"### {r.model}", "", _md(r.rows["write at position p corrupted"]), ""]
-        for skip in run.get("skipped", []):
-            lines += [f"### {skip['model']}", "", f"Not run: {skip['why']}.", ""]
+    if run.get("skipped"):
+        lines += ["## Not run", ""] + [f"- {skip['stage']} of {skip['model']}: {skip['why']}." for skip in run["skipped"]]
+        lines += [""]
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     lines += ["The feature pairs, side by side with their top-activating contexts: `index.html` (opens from "
               "disk in a browser).", ""]

@@ -1,0 +1,134 @@
+"""RWKV-4: univ's WKV against transformers' and a direct recurrence; the family's hooks."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import build_rwkv
+from univ import models, wkv
+
+
+def _inputs(B=2, T=37, C=8, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(B, T, C, generator=g) * scale,
+            torch.randn(B, T, C, generator=g))
+
+
+def _direct(time_decay, time_first, k, v, S=None, D=None):
+    """The recurrence with the true sums, in float64 (no max trick): small inputs only."""
+    w, u = -torch.exp(time_decay.double()), time_first.double()
+    k, v = k.double(), v.double()
+    S = torch.zeros_like(k[:, 0]) if S is None else S
+    D = torch.zeros_like(k[:, 0]) if D is None else D
+    out, states = [], []
+    for t in range(k.shape[1]):
+        e = torch.exp(u + k[:, t])
+        out.append((S + e * v[:, t]) / (D + e))
+        S = torch.exp(w) * S + torch.exp(k[:, t]) * v[:, t]
+        D = torch.exp(w) * D + torch.exp(k[:, t])
+        states.append((S, D))
+    return torch.stack(out, 1), states
+
+
+def test_wkv_equals_transformers_and_a_direct_recurrence():
+    from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
+
+    td, tf, k, v = _inputs()
+    ours, last, every = wkv.wkv_torch(td, tf, k, v, states=True)
+    theirs, state = rwkv_linear_attention_cpu(td, tf, k, v, return_state=True)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    for a, b in zip(last, state):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    direct, states = _direct(td, tf, k, v)
+    assert torch.allclose(ours.double(), direct, atol=1e-5)
+    for t in (0, 5, 36):  # the state after every position, in RWKV's (num, den, max) form
+        S, D = states[t]
+        mx = every.max[:, t].double()
+        assert torch.allclose(every.num[:, t].double() * torch.exp(mx), S, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(every.den[:, t].double() * torch.exp(mx), D, rtol=1e-5)
+
+
+def test_wkv_carries_a_state_and_survives_large_exponents():
+    from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
+
+    td, tf, k, v = _inputs(T=64, scale=30.0)  # keys up to ~100: the sums overflow float32 without the max trick
+    td = td + 2  # fast decays, |w| up to ~50: exponents in the thousands over 64 positions
+    _, first = wkv.wkv_torch(td, tf, k[:, :20], v[:, :20])[:2]
+    rest, last = wkv.wkv_torch(td, tf, k[:, 20:], v[:, 20:], state=first)[:2]
+    whole, whole_last = wkv.wkv_torch(td, tf, k, v)[:2]
+    assert torch.isfinite(whole).all()
+    assert torch.allclose(rest, whole[:, 20:], atol=1e-5, rtol=1e-5)
+    theirs, _ = rwkv_linear_attention_cpu(td, tf, k[:, 20:], v[:, 20:], state=[x.clone() for x in first])
+    assert torch.allclose(rest, theirs, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(last.max, whole_last.max) and torch.allclose(last.den, whole_last.den, rtol=1e-5)
+
+
+@pytest.mark.skipif(not wkv.HAVE_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="needs Triton (on CUDA, or its interpreter)")
+def test_triton_wkv_equals_the_torch_form():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    td, tf, k, v = (x.to(device) for x in _inputs(T=9, C=40))
+    ours, last, every = wkv.wkv_torch(td, tf, k, v, states=True)
+    tri, tlast, tevery = wkv.wkv_triton(td, tf, k, v, states=True, block=32)
+    assert torch.allclose(tri, ours, atol=1e-5, rtol=1e-5)
+    for a, b in zip(tevery, every):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    rest, rlast, _ = wkv.wkv_triton(td, tf, k, v, state=last, block=32)
+    expected, elast, _ = wkv.wkv_torch(td, tf, k, v, state=last)
+    assert torch.allclose(rest, expected, atol=1e-5, rtol=1e-5) and torch.allclose(rlast.max, elast.max)
+
+
+@pytest.fixture(scope="module")
+def rwkv(assets, tmp_path_factory):
+    return build_rwkv(tmp_path_factory.mktemp("rwkv") / "tiny-rwkv", assets["tokenizer"])
+
+
+def test_rwkv_family_hooks_and_forward(rwkv, assets):
+    from transformers.models.rwkv import modeling_rwkv
+
+    lm = models.load(str(rwkv), device="cpu")
+    assert lm.family == "rwkv" and lm.n_layers == 3 and lm.source.max_ctx is None
+    tokens = torch.randint(3, 300, (2, 20))
+    resid = lm.resid(tokens, [0, 1, 2])
+    with torch.no_grad():  # transformers' own loop over positions
+        out = lm.model(input_ids=tokens, output_hidden_states=True, use_cache=False)
+    assert modeling_rwkv.rwkv_linear_attention.__name__ == "rwkv_linear_attention"  # restored after univ's forwards
+    # resid_post.l is transformers' hidden_states[l] (block outputs, halved after every 2nd block here).
+    for layer in range(3):
+        assert torch.allclose(resid[layer], out.hidden_states[layer], atol=1e-5, rtol=1e-4), layer
+    assert torch.allclose(lm.logits(tokens), out.logits, atol=1e-4, rtol=1e-4)
+    # A replacement of resid_post.1 (halved) reaches the logits as given.
+    doubled = lm.logits(tokens, replace={1: lambda x: 2 * x})
+    keep = lm.logits(tokens, replace={1: lambda x: x})
+    assert torch.allclose(keep, out.logits, atol=1e-4, rtol=1e-4) and not torch.allclose(doubled, keep)
+    neurons = lm.neurons(tokens, [0, 2])
+    assert neurons.shape == (2, 2, 20, 128) and (neurons >= 0).all()
+
+
+def test_rwkv_cache_shares_a_token_store_with_gpt_neox(rwkv, assets, tmp_path):
+    from univ.cache import CacheConfig, run_cache
+
+    result = run_cache(CacheConfig(models=[str(assets["neox"]), str(rwkv)], dataset=str(assets["corpus"]), tokens=500,
+                                   ctx_len=24, cache_dir=tmp_path), progress=False)
+    assert [m.rows for m in result.models] == [500, 500] and result.models[1].d_model == 32
+
+
+def test_univ_all_with_rwkv_runs_every_stage_but_the_circuits(rwkv, assets, tmp_path, capsys, monkeypatch):
+    import json
+
+    from test_cli import run
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "all", "--model-a", assets["neox"], "--model-b", rwkv, "--preset", "smoke",
+                         "--dataset", assets["big_corpus"], "--tokens", "2000", "--ctx-len", "24", "--expansion", "2",
+                         "--k", "4", "--sae-batch-size", "128", "--sae-train-tokens", "4096", "--sae-eval-tokens", "1000",
+                         "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24", "--device", "cpu",
+                         "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)["summary"]
+    whats = [r["what"] for r in rows]
+    assert whats.count("SAE quality") == 2 and whats.count("MPPC main") == 2 and whats.count("MPPC neurons") == 2
+    rwkv_rows = [r for r in rows if r["subject"] == str(rwkv) and r["what"] in ("induction", "off-by-one")]
+    assert len(rwkv_rows) == 2 and all("not run: univ's circuit analyses know GPT-NeoX and Mamba" in r["result"]
+                                       for r in rwkv_rows)
