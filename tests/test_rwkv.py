@@ -114,21 +114,34 @@ def test_rwkv_cache_shares_a_token_store_with_gpt_neox(rwkv, assets, tmp_path):
     assert [m.rows for m in result.models] == [500, 500] and result.models[1].d_model == 32
 
 
-def test_univ_all_with_rwkv_runs_every_stage_but_the_circuits(rwkv, assets, tmp_path, capsys, monkeypatch):
+def test_univ_all_on_three_architectures(rwkv, assets, tmp_path, capsys, monkeypatch):
+    """GPT-NeoX, Mamba and RWKV in one run: every pair matched both ways, a matrix with A's
+    random-init baseline per architecture, a depth map per pair; RWKV's circuits are said not run."""
     import json
 
     from test_cli import run
 
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, "all", "--model-a", assets["neox"], "--model-b", rwkv, "--preset", "smoke",
-                         "--dataset", assets["big_corpus"], "--tokens", "2000", "--ctx-len", "24", "--expansion", "2",
-                         "--k", "4", "--sae-batch-size", "128", "--sae-train-tokens", "4096", "--sae-eval-tokens", "1000",
-                         "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24", "--device", "cpu",
-                         "--format", "json")
+    code, out, err = run(capsys, "all", "--model-a", assets["neox"], "--model-b", assets["mamba"], "--model-b", rwkv,
+                         "--preset", "smoke", "--dataset", assets["big_corpus"], "--tokens", "2000", "--ctx-len", "24",
+                         "--expansion", "2", "--k", "4", "--sae-batch-size", "128", "--sae-train-tokens", "4096",
+                         "--sae-eval-tokens", "1000", "--neuron-tokens", "1000", "--n-seqs", "8", "--offbyone-len", "24",
+                         "--device", "cpu", "--format", "json")
     assert code == 0, err
-    rows = json.loads(out)["summary"]
+    tables = json.loads(out)
+    grid = {(r["from"], r["to"]): r for r in tables["matrix"]}
+    assert set(grid) == {(x, y) for x in ("A", "B", "B2") for y in ("A", "B", "B2") if x != y}
+    for (x, y), r in grid.items():
+        assert -1 <= r["median"] <= 1 and (r["random-init mean"] is not None) == (x == "A"), (x, y)
+    rows = tables["summary"]
     whats = [r["what"] for r in rows]
-    assert whats.count("SAE quality") == 2 and whats.count("MPPC main") == 2 and whats.count("MPPC neurons") == 2
+    assert whats.count("SAE quality") == 3
+    assert all(whats.count(f"MPPC {name}") == 2 for name in ("main", "A-B2", "B-B2", "random-init", "random-init B2"))
     rwkv_rows = [r for r in rows if r["subject"] == str(rwkv) and r["what"] in ("induction", "off-by-one")]
     assert len(rwkv_rows) == 2 and all("not run: univ's circuit analyses know GPT-NeoX and Mamba" in r["result"]
                                        for r in rwkv_rows)
+    assert whats.count("induction (state->logit)") == 1 and whats.count("induction (head->logit)") == 1
+    figures = [p.split("/")[-1] for p in tables["run"][0]["figures"]]
+    assert {"depth_map.png", "depth_map_A-B2.png", "depth_map_B-B2.png"} <= set(figures)
+    report_md = open(tables["run"][0]["report"]).read()
+    assert "B2 = tiny-rwkv" in report_md and "## MPPC between every pair of models" in report_md

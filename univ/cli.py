@@ -226,7 +226,7 @@ def _sae_options(arch, expansion, l1, k, sae_train_tokens, sae_batch_size, sae_e
 @user_errors
 def match(
     model_a: str = typer.Option(None, "--model-a", help="Model A (alias, Hub id or folder)."),
-    model_b: str = typer.Option(None, "--model-b", help="Model B."),
+    model_b: list[str] = typer.Option([], "--model-b", help="Model B; repeat to compare several models (every pair, named B, B2, B3, ...)."),
     model_c: str = typer.Option(None, "--model-c", help="For --skyline model-seed: A's architecture, another seed."),
     acts_a: Path = typer.Option(None, "--acts-a", help="Or: A's activation stores by path."),
     acts_b: Path = typer.Option(None, "--acts-b", help="Or: B's activation stores by path."),
@@ -240,7 +240,7 @@ def match(
     neuron_tokens: str = typer.Option("100k", "--neuron-tokens", help="Window of the neuron comparisons."),
     dead_as_zero: bool = typer.Option(False, "--dead-as-zero", help="Count never-firing features as 0 (the authors' clamp) instead of leaving them out."),
     feature_scale: str = FeatureScaleOpt,
-    table: str = TableOpt("summary, per-layer, depth, complexity"),
+    table: str = TableOpt("summary, per-layer, depth, complexity; matrix with several --model-b"),
     arch: str = flags.Arch,
     expansion: float = flags.Expansion,
     l1: float = flags.L1,
@@ -268,13 +268,13 @@ def match(
 ) -> None:
     """MPPC between two models' SAE features, both ways, the depth map, baselines and skylines."""
     from .match import MatchConfig
-    from .match_stage import MatchRequest, run_match
+    from .match_stage import MatchRequest, matrix, run_match
 
     data = _data([], dataset, split, dataset_revision, text_field, data_seed, tokens, ctx_len, chunk_tokens,
                  batch_size=batch_contexts, dtype=dtype, store_dtype=store_dtype, centre=centre, cpu_scan=cpu_scan,
                  device=device)
     req = MatchRequest(
-        model_a=model_a, model_b=model_b, model_c=model_c, acts_a=acts_a, acts_b=acts_b, saes_a=saes_a, saes_b=saes_b,
+        model_a=model_a, model_b=model_b[0] if model_b else None, more_b=model_b[1:], model_c=model_c, acts_a=acts_a, acts_b=acts_b, saes_a=saes_a, saes_b=saes_b,
         layers_a=layers_a, layers_b=layers_b, baselines=baseline, skylines=skyline, neurons=neurons,
         neuron_tokens=parse_count(neuron_tokens, "--neuron-tokens"),
         data=data,
@@ -289,6 +289,8 @@ def match(
         "depth map (mean best correlation of A-layer features within each B layer)": main_result.depth_table(),
         "complexity (Spearman's rho of MPPC with each simplicity proxy, over live features)":
             [row for c in results for row in c.complexity_rows()],
+        **({"matrix (mean MPPC between every pair of models, live features)": matrix(results, len(model_b))}
+           if len(model_b) > 1 else {}),
     }
     if fmt is Format.json:
         tables["results"] = [{"comparison": c.name, "path": c.path} for c in results]
@@ -406,7 +408,7 @@ def offbyone(
 @user_errors
 def all_(
     model_a: str = typer.Option(..., "--model-a", help="Model A (the study: pythia-160m)."),
-    model_b: str = typer.Option(..., "--model-b", help="Model B (the study: mamba-130m)."),
+    model_b: list[str] = typer.Option(..., "--model-b", help="Model B (the study: mamba-130m); repeat for several (e.g. rwkv-169m too): every pair is compared."),
     model_c: str = typer.Option(None, "--model-c", help="A's architecture with another seed, for the model-seed skyline."),
     preset: str = typer.Option("quick", "--preset", help="smoke (CPU, minutes), quick (one GPU, < 1 h), paper (the study's sizes)."),
     tokens: str = typer.Option(None, "--tokens", help="Override: tokens cached and matched."),
@@ -440,7 +442,7 @@ def all_(
     device: str = flags.Device,
     cache_dir: Path = flags.CacheDir,
     out: Path = typer.Option(None, "--out", help="Report folder (default: <cache-dir>/report)."),
-    table: str = TableOpt("summary; json also: run"),
+    table: str = TableOpt("summary; matrix with several --model-b; json also: run"),
     fmt: Format = FormatOpt,
 ) -> None:
     """The whole study: cache, fit-sae, match, induction, offbyone, then a report with figures."""
@@ -455,10 +457,12 @@ def all_(
                      neurons=neurons, dtype=dtype, store_dtype=store_dtype)
     data = _data([], dataset, split, dataset_revision, text_field, data_seed, None, None, chunk_tokens,
                  batch_size=batch_contexts, centre=centre, cpu_scan=cpu_scan, device=device, cache_dir=cache_dir)
-    result = run_all(StudyConfig(model_a=model_a, model_b=model_b, model_c=model_c, preset=preset, overrides=overrides,
+    result = run_all(StudyConfig(model_a=model_a, model_b=model_b[0], more_b=model_b[1:], model_c=model_c,
+                                 preset=preset, overrides=overrides,
                                  data=data, sae_seed=sae_seed, feature_scale=feature_scale, out=out))
     tables = {"summary": result.summary if fmt is Format.json else
-              [{k: v for k, v in row.items() if k != "values"} for row in result.summary]}
+              [{k: v for k, v in row.items() if k != "values"} for row in result.summary],
+              **({"matrix": result.matrix} if result.matrix else {})}
     if fmt is Format.json:
         tables["run"] = [{"run": str(result.run_file), **result.report}]
     else:

@@ -29,6 +29,8 @@ class MatchRequest:
 
     model_a: str | None = None
     model_b: str | None = None
+    more_b: list[str] = field(default_factory=list)
+    """Further models: every pair among A, B and these is compared (named B2, B3, ... after B)."""
     model_c: str | None = None
     """Same architecture and size as A, another training seed (the model-seed skyline)."""
     acts_a: Path | None = None
@@ -70,7 +72,7 @@ def _check(req: MatchRequest) -> None:
             raise UnivError(f"unknown skyline {s!r} (use {', '.join(SKYLINES)})")
     if "model-seed" in req.skylines and not req.model_c:
         raise UnivError("--skyline model-seed needs --model-c (A's architecture, another seed)")
-    if by_path and (req.baselines or req.skylines or req.neurons):
+    if by_path and (req.baselines or req.skylines or req.neurons or req.more_b):
         raise UnivError("reference points need models (--model-a/--model-b), not stores given by path")
 
 
@@ -161,8 +163,9 @@ def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:
         return [compare("main", a, b, req.match, out_root, progress)]
     # One cache call for every model: one shared token store, and a clear refusal when the
     # tokenizers differ.
-    everyone = [req.model_a, req.model_b] + ([req.model_c] if req.model_c else [])
-    everyone += [models.RANDOM_PREFIX + req.model_b] if "random-init" in req.baselines else []
+    bs = [req.model_b, *req.more_b]
+    everyone = [req.model_a, *bs] + ([req.model_c] if req.model_c else [])
+    everyone += [models.RANDOM_PREFIX + b for b in bs] if "random-init" in req.baselines else []
     run_cache(_cache_cfg(req, everyone, layers="all"), progress)
     a = sae_side(req, req.model_a, req.layers_a)
     results = [compare("main", a, sae_side(req, req.model_b, req.layers_b), req.match, out_root, progress)]
@@ -183,4 +186,53 @@ def run_match(req: MatchRequest, progress: bool = True) -> list[Comparison]:
         if "random-init" in req.baselines:
             bn0 = neuron_side(req, models.RANDOM_PREFIX + req.model_b, req.layers_b)
             results.append(compare("neurons random-init", an, bn0, neuron_match, out_root, progress))
+    results += _more_models(req, a, out_root, progress)
     return results
+
+
+def letters(n_b: int) -> list[str]:
+    """The short names of A and the B models: A, B, B2, B3, ..."""
+    return ["A", "B"] + [f"B{i}" for i in range(2, n_b + 1)]
+
+
+def _more_models(req: MatchRequest, a: Side, out_root: Path, progress: bool) -> list[Comparison]:
+    """With several B models: A against each further one (and its random-init baseline), and every
+    pair of B models, named by their letters (A-B2, B-B2, random-init B2, ...)."""
+    if not req.more_b:
+        return []
+    names = letters(1 + len(req.more_b))
+    sides = {names[1]: sae_side(req, req.model_b, req.layers_b)}
+    sides.update({names[i + 2]: sae_side(req, m, req.layers_b) for i, m in enumerate(req.more_b)})
+    out = []
+    for i, m in enumerate(req.more_b):
+        name = names[i + 2]
+        out.append(compare(f"A-{name}", a, sides[name], req.match, out_root, progress))
+        if "random-init" in req.baselines:
+            out.append(compare(f"random-init {name}", a, sae_side(req, models.RANDOM_PREFIX + m, req.layers_b),
+                               req.match, out_root, progress))
+    bnames = list(sides)
+    for i, x in enumerate(bnames):
+        for y in bnames[i + 1:]:
+            out.append(compare(f"{x}-{y}", sides[x], sides[y], req.match, out_root, progress))
+    return out
+
+
+def matrix(results: list[Comparison], n_b: int) -> list[dict]:
+    """MPPC between every ordered pair of A and the B models (live features), with A's
+    random-init baseline against the target's architecture."""
+    names = letters(n_b)
+    pair = {"main": ("A", "B")} | {f"A-{n}": ("A", n) for n in names[2:]}
+    pair |= {f"{x}-{y}": (x, y) for i, x in enumerate(names[1:]) for y in names[i + 2:]}
+    baseline = {"B": "random-init"} | {n: f"random-init {n}" for n in names[2:]}
+    by_name = {c.name: c for c in results}
+    rows = []
+    for name, (x, y) in pair.items():
+        c = by_name.get(name)
+        if c is None:
+            continue
+        there, back = c.summary(False)
+        for (src, dst), row in (((x, y), there), ((y, x), back)):
+            base = by_name.get(baseline.get(dst, "")) if src == "A" else None
+            rows.append({"from": src, "to": dst, "mean": row["mean"], "median": row["median"], ">=0.5": row[">=0.5"],
+                         ">=0.7": row[">=0.7"], "random-init mean": base.summary(False)[0]["mean"] if base else None})
+    return rows

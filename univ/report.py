@@ -25,6 +25,7 @@ from .errors import UnivError  # noqa: E402
 from .examples import PROXIES, proxies  # noqa: E402
 from .explorer import examples_of, windows_of, write_explorer  # noqa: E402
 from .match import load_comparison  # noqa: E402
+from .match_stage import letters  # noqa: E402
 
 RUNS = "runs"
 
@@ -41,15 +42,35 @@ ROLES = {"main": "A vs B", "random-init": "A vs B at random init", "sae-seed": "
 """What each comparison of `univ match` sets against what, in the report's short labels."""
 
 
+def role(name: str) -> str:
+    """ROLES, and the comparisons among several B models: A-B2, random-init B2, B-B2, ..."""
+    if name in ROLES:
+        return ROLES[name]
+    if name.startswith("random-init "):
+        return f"A vs {name.split()[1]} at random init"
+    return " vs ".join(name.split("-", 1)) if "-" in name else name
+
+
+def _from_a(name: str) -> bool:
+    """Comparisons whose first side is A's features."""
+    return name in ROLES or name.startswith(("A-", "random-init "))
+
+
 def short_name(model: str) -> str:
     """A model as figures name it: a local folder by its last part, a Hub id or alias as given."""
     return Path(model).name if model.startswith((".", "/", "~")) else model
 
 
+def letters_of(run: dict) -> dict[str, str]:
+    """Model -> its short label: A, B (B2, B3, ... for further models), C (the model-seed skyline)."""
+    bs = [run["model_b"], *run.get("more_b", [])]
+    out = {run["model_a"]: "A", **dict(zip(bs, letters(len(bs))[1:]))}
+    return out | ({run["model_c"]: "C"} if run.get("model_c") else {})
+
+
 def key_line(run: dict) -> str:
     """The key to the figures' short labels."""
-    roles = [("A", run["model_a"]), ("B", run["model_b"]), ("C", run.get("model_c"))]
-    return ", ".join(f"{letter} = {short_name(m)}" for letter, m in roles if m)
+    return ", ".join(f"{letter} = {short_name(m)}" for m, letter in letters_of(run).items())
 
 
 def _fig(title: str, xlabel: str, ylabel: str, key: str, size=(7, 4.5)):
@@ -76,7 +97,7 @@ def _save(fig, path: Path) -> str:
 
 
 def mppc_figure(comparisons, out: Path, neurons: bool, key: str) -> str | None:
-    chosen = [c for c in comparisons if c.name.startswith("neurons") == neurons]
+    chosen = [c for c in comparisons if c.name.startswith("neurons") == neurons and _from_a(c.name)]
     if not chosen:
         return None
     kind = "neurons" if neurons else "SAE features"
@@ -86,19 +107,29 @@ def mppc_figure(comparisons, out: Path, neurons: bool, key: str) -> str | None:
     for c in chosen:
         v = c.a_value.flatten()[c.a_fires.flatten()].numpy()
         ax.hist(v, bins=bins, weights=np.full(len(v), 1 / max(len(v), 1)), histtype="step", linewidth=1.8,
-                label=f"{ROLES.get(c.name, c.name)}\n(median {np.median(v):.2g})")
+                label=f"{role(c.name)}\n(median {np.median(v):.2g})")
     _legend_outside(ax)
     return _save(fig, out / f"mppc_{'neurons' if neurons else 'features'}.png")
 
 
 def depth_figure(c, out: Path, key: str) -> str:
-    fig, ax = _fig("Depth map: mean best correlation of A's layer-l features within B's layer m",
-                   "B layer m", "A layer l", key, size=(8, 5))
+    x, y = _pair_letters(c.name)
+    fig, ax = _fig(f"Depth map: mean best correlation of {x}'s layer-l features within {y}'s layer m",
+                   f"{y} layer m", f"{x} layer l", key, size=(8, 5))
     im = ax.imshow(c.depth.numpy(), aspect="auto", origin="lower", cmap="viridis")
     ax.set_xticks(range(len(c.layers_b)), c.layers_b, fontsize=7)
     ax.set_yticks(range(len(c.layers_a)), c.layers_a, fontsize=7)
     fig.colorbar(im, ax=ax, label="mean best Pearson correlation")
-    return _save(fig, out / "depth_map.png")
+    return _save(fig, out / ("depth_map.png" if c.name == "main" else f"depth_map_{_safe(c.name)}.png"))
+
+
+def _pair_letters(name: str) -> tuple[str, str]:
+    """The two models of a comparison between the study's models: main is A-B; A-B2, B-B2, ..."""
+    return ("A", "B") if name == "main" else tuple(name.split("-", 1))
+
+
+def _is_pair(name: str) -> bool:
+    return name == "main" or (name.count("-") == 1 and all(p[:1] in "AB" for p in name.split("-")))
 
 
 def mamba_bars(r: CircuitResult, out: Path, label: str, key: str) -> str:
@@ -165,7 +196,7 @@ def complexity_figure(c, examples: dict, window, out: Path, key: str) -> str | N
         ax.set_title(f"Spearman's rho {rho:.2g}" if rho is not None else "", fontsize=9)
         ax.set_xlabel(labels[p], fontsize=9)
         ax.set_ylabel("MPPC" if p == shown[0] else "")
-    fig.suptitle(f"MPPC of A's features against how simple they are ({ROLES.get(c.name, c.name)})", fontsize=10)
+    fig.suptitle(f"MPPC of A's features against how simple they are ({role(c.name)})", fontsize=10)
     fig.text(0.01, 0.005, key, fontsize=7, color="0.35", ha="left", va="bottom")
     return _save(fig, out / "mppc_vs_simplicity.png")
 
@@ -203,13 +234,13 @@ def write_report(run_file: Path, out: Path) -> dict:
     comparisons = [_comparison(root / p) for p in run.get("match", [])]
     circuits = {kind: [_circuit(root / p) for p in paths] for kind, paths in run.get("circuits", {}).items()}
     key = key_line(run)
-    labels = {run["model_a"]: "A", run["model_b"]: "B"}
+    labels = letters_of(run)
     examples = [examples_of(c) for c in comparisons]
     windows = windows_of(comparisons, root)
     figures = [f for f in (mppc_figure(comparisons, out, False, key), mppc_figure(comparisons, out, True, key)) if f]
     main = next((c for c in comparisons if c.name == "main"), None)
+    figures += [depth_figure(c, out, key) for c in comparisons if _is_pair(c.name)]
     if main is not None:
-        figures.append(depth_figure(main, out, key))
         simplicity = complexity_figure(main, examples[comparisons.index(main)], windows[main.tokens_store], out, key)
         figures += [simplicity] if simplicity else []
     for r in circuits.get("induction", []):
@@ -228,6 +259,8 @@ def write_report(run_file: Path, out: Path) -> dict:
               "simple it is: the entropy of the token ids at its top 20 activations, its firing density, and the "
               "fraction of distinct contexts among them (the paper: the simplest features match best, so a "
               "negative rho for entropy).", "", _md(complexity), ""]
+    if run.get("matrix"):
+        lines += ["## MPPC between every pair of models", "", _md(run["matrix"]), ""]
     if main is not None:
         lines += ["## Depth map", "", _md(main.depth_table()), ""]
     for r in circuits.get("induction", []):
@@ -251,9 +284,11 @@ def write_report(run_file: Path, out: Path) -> dict:
     tables = {"SAE quality": run.get("sae_quality", []),
               "MPPC summary": [row for c in comparisons for row in c.summary(run.get("dead_as_zero", False))],
               "MPPC and simplicity (Spearman's rho)": complexity,
+              **({"MPPC between every pair of models": run["matrix"]} if run.get("matrix") else {}),
               **({"depth map": main.depth_table()} if main is not None else {})}
     page = write_explorer(comparisons, examples, windows, out, _tokenizer(run), tables, figures,
-                          f"univ report: {short_name(run['model_a'])} vs {short_name(run['model_b'])}", key, ROLES)
+                          f"univ report: {short_name(run['model_a'])} vs {short_name(run['model_b'])}", key,
+                          {c.name: role(c.name) for c in comparisons})
     return {"report": str(report), "figures": [str(out / f) for f in figures], "page": str(page)}
 
 

@@ -25,7 +25,7 @@ from .fit import FitConfig, run_fit
 from .flags import DEFAULT_DATASET
 from .induction import induction_path, run_induction
 from .match import MatchConfig
-from .match_stage import MatchRequest, run_match
+from .match_stage import MatchRequest, matrix, run_match
 from .offbyone import TABLE, offbyone_path, run_offbyone
 from .report import RUNS, write_report
 from .store import config_key
@@ -60,6 +60,8 @@ class StudyConfig:
 
     model_a: str
     model_b: str
+    more_b: list[str] = field(default_factory=list)
+    """Further models compared with A and B and with each other (B2, B3, ...)."""
     model_c: str | None = None
     preset: str = "quick"
     overrides: dict = field(default_factory=dict)
@@ -88,6 +90,8 @@ class StudyResult(NamedTuple):
     report: dict
     skipped: list[dict]
     """Stages not run for a model, and why ({stage, model, why}; also in run.json)."""
+    matrix: list[dict]
+    """With several B models: MPPC between every ordered pair (match_stage.matrix)."""
 
 
 @contextmanager
@@ -136,8 +140,9 @@ def plan(cfg: StudyConfig) -> _Plan:
     fit = FitConfig(arch=s["arch"], expansion=s["expansion"], l1=s["l1"], k=s["k"], batch_size=s["sae_batch_size"],
                     train_tokens=s["sae_train_tokens"], eval_tokens=s["sae_eval_tokens"], seed=cfg.sae_seed,
                     batch_contexts=data.batch_size, device=data.device)
-    everyone = [a, b] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
-    req = MatchRequest(model_a=a, model_b=b, model_c=cfg.model_c, baselines=s["baselines"], skylines=s["skylines"],
+    bs = [b, *cfg.more_b]
+    everyone = [a, *bs] + ([cfg.model_c] if "model-seed" in s["skylines"] else [])
+    req = MatchRequest(model_a=a, model_b=b, more_b=cfg.more_b, model_c=cfg.model_c, baselines=s["baselines"], skylines=s["skylines"],
                        neurons=s["neurons"], neuron_tokens=s["neuron_tokens"], data=data, fit=fit,
                        match=MatchConfig(tokens=s["tokens"], feature_scale=cfg.feature_scale, device=data.device),
                        cache_dir=data.cache_dir)
@@ -147,17 +152,17 @@ def plan(cfg: StudyConfig) -> _Plan:
     where = ["--cache-dir", data.cache_dir]
     corpus = flags.of(data, flags.CORPUS) + where
     sae = flags.of(fit, flags.SAE)
-    rerun = {"cache": flags.command("cache", *[x for m in everyone for x in ("--model", m)],
-                                    *(["--model", models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []),
-                                    *corpus)}
+    randoms = [models.RANDOM_PREFIX + m for m in bs] if "random-init" in s["baselines"] else []
+    rerun = {"cache": flags.command("cache", *[x for m in everyone + randoms for x in ("--model", m)], *corpus)}
     for m in everyone:
         rerun[f"fit-sae {m}"] = flags.command("fit-sae", "--model", m, *sae,
                                               *flags.of(data, flags.CORPUS, skip=("store_dtype",)), *where)
     reference = [*[x for v in s["baselines"] for x in ("--baseline", v)], *[x for v in s["skylines"] for x in ("--skyline", v)],
                  *(["--model-c", cfg.model_c] if cfg.model_c else []), *(["--neurons"] if s["neurons"] else []),
                  "--neuron-tokens", s["neuron_tokens"], "--feature-scale", cfg.feature_scale]
-    rerun["match"] = flags.command("match", "--model-a", a, "--model-b", b, *reference, *sae, *corpus)
-    for m in (a, b):
+    rerun["match"] = flags.command("match", "--model-a", a, *[x for m in bs for x in ("--model-b", m)], *reference, *sae,
+                                   *corpus)
+    for m in (a, *bs):
         rerun[f"induction {m}"] = flags.command("induction", "--model", m, *flags.of(circuit, flags.CIRCUIT), *where)
         rerun[f"offbyone {m}"] = flags.command(
             "offbyone", "--model", m, *flags.of(obo, flags.CIRCUIT), "--induction-seqs", circuit.n_seqs,
@@ -171,8 +176,8 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     s, everyone, cache_dir = p.settings, p.everyone, p.data.cache_dir
     durations: dict[str, float] = {}
     with _stage("cache", p.rerun["cache"], durations):
-        random_b = [models.RANDOM_PREFIX + b] if "random-init" in s["baselines"] else []
-        run_cache(dataclasses.replace(p.data, models=everyone + random_b), progress)
+        randoms = [models.RANDOM_PREFIX + m for m in (b, *cfg.more_b)] if "random-init" in s["baselines"] else []
+        run_cache(dataclasses.replace(p.data, models=everyone + randoms), progress)
     quality = []
     for model in everyone:
         with _stage("fit-sae", p.rerun[f"fit-sae {model}"], durations, model):
@@ -182,7 +187,7 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     with _stage("match", p.rerun["match"], durations):
         comparisons = run_match(p.match, progress)
     induction, offbyone, paths, skipped = [], [], {"induction": [], "offbyone": []}, []
-    for model in (a, b):
+    for model in (a, b, *cfg.more_b):
         family = models.resolve(model).family
         if family not in CIRCUIT_FAMILIES:
             skipped += [{"stage": stage, "model": model, "why": f"univ's circuit analyses know GPT-NeoX and Mamba, "
@@ -200,20 +205,21 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
                 log.warning("offbyone %s skipped: %s", model, e)
                 continue
         paths["offbyone"].append(_in_cache(offbyone_path(cache_dir, lm, p.offbyone, induction=p.circuit), cache_dir))
-    run = {"model_a": a, "model_b": b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
+    grid = matrix(comparisons, 1 + len(cfg.more_b)) if cfg.more_b else []
+    run = {"model_a": a, "model_b": b, "more_b": cfg.more_b, "model_c": cfg.model_c, "preset": cfg.preset, "settings": s,
            "feature_scale": cfg.feature_scale, "centre": p.data.centre, "cpu_scan": p.data.cpu_scan,
            "corpus": {k: getattr(p.data, k) for k in ("dataset", "split", "dataset_revision", "text_field", "seed",
                                                       "chunk_tokens")},
            "sae_seed": cfg.sae_seed, "device": p.data.device, "univ_version": __version__,
            "sae_quality": quality, "match": [_in_cache(c.path, cache_dir) for c in comparisons], "circuits": paths,
-           "skipped": skipped, "seconds": durations, "rerun": p.rerun}
+           "matrix": grid, "skipped": skipped, "seconds": durations, "rerun": p.rerun}
     key = config_key({k: run[k] for k in ("model_a", "model_b", "model_c", "preset", "settings", "corpus", "sae_seed",
-                                          "feature_scale", "centre", "cpu_scan")})
+                                          "feature_scale", "centre", "cpu_scan")} | ({"more_b": cfg.more_b} if cfg.more_b else {}))
     run_file = cache_dir / RUNS / key / "run.json"
     files.write_json(run_file, run)
     with _stage("report", flags.command("report", "--cache-dir", cache_dir, "--run", run_file)):
         report = write_report(run_file, cfg.out or cache_dir / "report")
-    return StudyResult(summary(quality, comparisons, induction, offbyone, skipped), run_file, report, skipped)
+    return StudyResult(summary(quality, comparisons, induction, offbyone, skipped), run_file, report, skipped, grid)
 
 
 STAGE_NAMES = {"induction": "induction", "offbyone": "off-by-one"}
