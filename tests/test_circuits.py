@@ -314,13 +314,13 @@ def test_circuit_bad_inputs(planted, tmp_path, capsys):
     base = ["--device", "cpu", "--cache-dir", tmp_path]
     cases = [
         (["induction", "-m", planted["mamba"], "--head", "1.2", *base], "GPT-NeoX option"),
-        (["induction", "-m", planted["neox"], "--conv-layers", "1", *base], "Mamba options"),
+        (["induction", "-m", planted["neox"], "--conv-layers", "1", *base], "not GPT-NeoX options"),
         (["induction", "-m", planted["mamba"], "--conv-layers", "9", *base], "out of range"),
         (["induction", "-m", planted["mamba"], "--effect", "partial", *base], "unknown --effect"),
         (["offbyone", "-m", planted["neox"], "--swap-decay", *base], "Mamba option"),
         (["induction", "-m", planted["neox"], "--head", "L5H0", *base], "out of range"),
         (["induction", "-m", planted["neox"], "--head", "five", *base], "must look like"),
-        (["offbyone", "-m", planted["neox"], "--layer", "1", *base], "Mamba option"),
+        (["offbyone", "-m", planted["neox"], "--layer", "1", *base], "Mamba and RWKV option"),
         (["induction", "-m", planted["mamba"], "--seq-len", "3", *base], "--seq-len must be at least 4"),
         (["offbyone", "-m", planted["mamba"], "--layer", "7", *base], "out of range"),
         (["induction", "-m", planted["neox"], "--head", "5.0", *base], "out of range"),

@@ -116,7 +116,7 @@ def test_rwkv_cache_shares_a_token_store_with_gpt_neox(rwkv, assets, tmp_path):
 
 def test_univ_all_on_three_architectures(rwkv, assets, tmp_path, capsys, monkeypatch):
     """GPT-NeoX, Mamba and RWKV in one run: every pair matched both ways, a matrix with A's
-    random-init baseline per architecture, a depth map per pair; RWKV's circuits are said not run."""
+    random-init baseline per architecture, a depth map per pair, the circuits of all three."""
     import json
 
     from test_cli import run
@@ -137,11 +137,57 @@ def test_univ_all_on_three_architectures(rwkv, assets, tmp_path, capsys, monkeyp
     whats = [r["what"] for r in rows]
     assert whats.count("SAE quality") == 3
     assert all(whats.count(f"MPPC {name}") == 2 for name in ("main", "A-B2", "B-B2", "random-init", "random-init B2"))
-    rwkv_rows = [r for r in rows if r["subject"] == str(rwkv) and r["what"] in ("induction", "off-by-one")]
-    assert len(rwkv_rows) == 2 and all("not run: univ's circuit analyses know GPT-NeoX and Mamba" in r["result"]
-                                       for r in rwkv_rows)
-    assert whats.count("induction (state->logit)") == 1 and whats.count("induction (head->logit)") == 1
+    assert whats.count("induction (state->logit)") == 2 and whats.count("induction (head->logit)") == 1
+    # Random tiny models: no component stands out, so no off-by-one for any of them.
+    assert [r["subject"] for r in rows if r["what"] == "off-by-one"] == [str(assets["neox"]), str(assets["mamba"]), str(rwkv)]
     figures = [p.split("/")[-1] for p in tables["run"][0]["figures"]]
     assert {"depth_map.png", "depth_map_A-B2.png", "depth_map_B-B2.png"} <= set(figures)
     report_md = open(tables["run"][0]["report"]).read()
     assert "B2 = tiny-rwkv" in report_md and "## MPPC between every pair of models" in report_md
+
+
+def test_rwkv_last_position_rerun_matches_transformers_state_api(rwkv):
+    """The last position re-run from a trace: unpatched, it is the model's own output; with one
+    layer's WKV state replaced (total effect), it is what transformers computes when that state is
+    handed to it for the last token."""
+    from univ import rwkv as rw
+
+    lm = models.load(str(rwkv), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    tokens, other = torch.randint(3, 300, (3, 12), generator=g), torch.randint(3, 300, (3, 12), generator=g)
+    clean, corrupted = rw.trace(lm, tokens), rw.trace(lm, other)
+    for layer in range(lm.n_layers):
+        assert torch.allclose(rw.last_position(lm, clean, layer), clean.logits, atol=1e-4)
+    layer = 1
+    theirs = []
+    with torch.no_grad():  # one sequence at a time: transformers 5.24's stateful RWKV is wrong for batch > 1
+        for row in range(len(tokens)):
+            state = lm.model(input_ids=tokens[row:row + 1, :-1], use_cache=True).state
+            for i, part in enumerate(corrupted.state[layer]):
+                state[2 + i][:, :, layer] = part[row]
+            theirs.append(lm.model(input_ids=tokens[row:row + 1, -1:], state=state, use_cache=True).logits[0, -1])
+    theirs = torch.stack(theirs)
+    ours = rw.last_position(lm, clean, layer, state=corrupted.state[layer])
+    assert torch.allclose(ours, theirs, atol=1e-4) and not torch.allclose(ours, clean.logits, atol=1e-3)
+    # At the last layer nothing is above it to freeze: direct and total agree.
+    top = lm.n_layers - 1
+    assert torch.allclose(rw.last_position(lm, clean, top, state=corrupted.state[top], freeze="wkv"),
+                          rw.last_position(lm, clean, top, state=corrupted.state[top]), atol=1e-6)
+
+
+def test_rwkv_induction_and_offbyone_tables(rwkv, tmp_path, capsys):
+    import json
+
+    from test_cli import run
+
+    common = ["--n-seqs", "12", "--seq-len", "16", "--device", "cpu", "--cache-dir", tmp_path, "--format", "json"]
+    code, out, err = run(capsys, "induction", "-m", rwkv, *common)
+    assert code == 0, err
+    tables = json.loads(out)
+    assert [r["component"] for r in tables["state->logit"]][:0] == [] and len(tables["state->logit"]) == 3
+    assert len(tables["time-mix->logit"]) == 3 and len(tables["shift->state->logit"]) == 2 * 4
+    assert {r["analysis"] for r in tables["clean"]} == {"state->logit", "time-mix->logit", "shift->state->logit"}
+    code, out, err = run(capsys, "offbyone", "-m", rwkv, "--layer", "1", *common[:-2], "--seq-len", "20", "--format", "json")
+    assert code == 0, err
+    table = json.loads(out)["off-by-one (B at position 1)"]
+    assert [row["position"] for row in table] == [1, 2, 3, 4]

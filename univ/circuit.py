@@ -74,7 +74,7 @@ class CircuitResult:
             return None
 
 
-FAMILIES = ("gpt_neox", "mamba")
+FAMILIES = ("gpt_neox", "mamba", "rwkv")
 """Families the circuit analyses know."""
 
 
@@ -84,7 +84,7 @@ class NotForFamily(UnivError):
 
 def check(cfg: CircuitConfig, lm: models.LM, min_len: int = 4) -> None:
     if lm.family not in FAMILIES:
-        raise NotForFamily(f"{lm.source.name} is {lm.family}: univ's circuit analyses know GPT-NeoX and Mamba only")
+        raise NotForFamily(f"{lm.source.name} is {lm.family}: univ's circuit analyses know GPT-NeoX, Mamba and RWKV")
     if cfg.seq_len < min_len:
         raise UnivError(f"--seq-len must be at least {min_len}, not {cfg.seq_len}")
     if cfg.n_seqs < 1:
@@ -95,13 +95,16 @@ def check(cfg: CircuitConfig, lm: models.LM, min_len: int = 4) -> None:
         raise UnivError(f"--batch-seqs must be at least 1, not {cfg.batch}")
     if cfg.effect not in EFFECTS:
         raise UnivError(f"unknown --effect {cfg.effect!r} (use {' or '.join(EFFECTS)})")
-    if lm.family == "mamba" and cfg.head is not None:
-        raise UnivError("--head is a GPT-NeoX option (attention heads); Mamba has none")
+    if lm.family != "gpt_neox" and cfg.head is not None:
+        raise UnivError(f"--head is a GPT-NeoX option (attention heads); {lm.family} has none")
+    if lm.family == "rwkv" and (cfg.conv_cumulative or cfg.swap_decay):
+        raise UnivError("--conv-cumulative and --swap-decay are Mamba options (RWKV has no conv, and a fixed decay)")
     if lm.family == "gpt_neox" and (cfg.conv_layers != "auto" or cfg.conv_cumulative):
-        raise UnivError("--conv-layers and --conv-cumulative are Mamba options; GPT-NeoX has no conv")
+        raise UnivError("--conv-layers (Mamba, RWKV) and --conv-cumulative (Mamba) are not GPT-NeoX options: it has "
+                        "neither conv nor token shift")
     if lm.family == "gpt_neox" and cfg.swap_decay:
         raise UnivError("--swap-decay is a Mamba option (the SSM's decay)")
-    if lm.family == "mamba" and cfg.conv_layers != "auto":
+    if lm.family != "gpt_neox" and cfg.conv_layers != "auto":
         parse_layers(cfg.conv_layers, lm.n_layers)
     if lm.family == "gpt_neox" and cfg.head is not None:
         parse_head(cfg.head, lm)
@@ -228,6 +231,6 @@ def followed(result: CircuitResult, table: str) -> str:
         top = max(rows, key=lambda r: r["drop"])
         raise NothingToFollow(
             f"no {table} component of the induction run lowers p(B) beyond its 95 % interval (largest: "
-            f"{top['component']}, {top['drop']:.2g} ± {top['drop_ci']:.2g}); give --layer (Mamba) or --head "
-            "(GPT-NeoX) to follow one anyway")
+            f"{top['component']}, {top['drop']:.2g} ± {top['drop_ci']:.2g}); give --layer (Mamba, RWKV) or "
+            "--head (GPT-NeoX) to follow one anyway")
     return max(lowering, key=lambda r: r["drop"])["component"]

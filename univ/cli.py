@@ -318,7 +318,7 @@ def induction(
     seq_seed: int = flags.SeqSeed,
     batch_seqs: int = flags.BatchSeqs,
     effect: str = EffectOpt,
-    conv_layers: str = typer.Option("auto", "--conv-layers", help="Mamba: layers given conv->state->logit, e.g. 12,17 (auto: the two largest state->logit drops)."),
+    conv_layers: str = typer.Option("auto", "--conv-layers", help="Mamba: layers given conv->state->logit; RWKV: shift->state->logit; e.g. 12,17 (auto: the two largest state->logit drops)."),
     conv_cumulative: bool = typer.Option(False, "--conv-cumulative", help="Mamba: accumulate the conv input swaps (s+2, then s+1 too, then s) as the authors' script did."),
     head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head (5.0 or L5H0) for head->head (default: top head->logit)."),
     top: int = typer.Option(10, "--top", help="Rows shown per analysis (json: all)."),
@@ -329,7 +329,7 @@ def induction(
     force: bool = typer.Option(False, "--force", help="Recompute even when cached."),
     fmt: Format = FormatOpt,
 ) -> None:
-    """Path patching of the induction circuit: Mamba layers (state, y, conv) or GPT-NeoX heads."""
+    """Path patching of the induction circuit: Mamba layers (state, y, conv), RWKV layers (state, time mix, token shift) or GPT-NeoX heads."""
     from . import models
     from .circuit import CircuitConfig
     from .induction import run_induction
@@ -350,7 +350,7 @@ def induction(
 @user_errors
 def offbyone(
     model: list[str] = typer.Option(..., "--model", "-m", help="Model(s); repeat to put families side by side."),
-    layer: str = typer.Option("auto", "--layer", help="Mamba: the layer (auto: the state->logit layer of `univ induction` that lowers p(B) most beyond its interval)."),
+    layer: str = typer.Option("auto", "--layer", help="Mamba and RWKV: the layer (auto: the state->logit layer of `univ induction` that lowers p(B) most beyond its interval)."),
     head: str = typer.Option(None, "--head", help="GPT-NeoX: the head, 5.0 or L5H0 (default: the head->logit head of `univ induction`, outside layer 0, that lowers p(B) most beyond its interval)."),
     induction_seqs: int = typer.Option(None, "--induction-seqs", help="The induction run whose component is followed: its --n-seqs (default: univ induction's, 256)."),
     induction_state_seqs: int = typer.Option(None, "--induction-state-seqs", help="The induction run followed: its --state-seqs."),
@@ -375,12 +375,12 @@ def offbyone(
     results = []
     for name in model:
         lm = models.load(name, device=device, dtype=dtype)
-        mamba_only = layer if lm.family == "mamba" else "auto"
+        mamba_only = layer if lm.family in ("mamba", "rwkv") else "auto"
         if lm.family == "gpt_neox" and layer != "auto" and len(model) == 1:
-            raise UnivError("--layer is a Mamba option; for GPT-NeoX give --head L.H")
-        if lm.family == "mamba" and head is not None and len(model) == 1:
-            raise UnivError("--head is a GPT-NeoX option (attention heads); Mamba has none")
-        if lm.family == "gpt_neox" and swap_decay and len(model) == 1:
+            raise UnivError("--layer is a Mamba and RWKV option; for GPT-NeoX give --head L.H")
+        if lm.family != "gpt_neox" and head is not None and len(model) == 1:
+            raise UnivError(f"--head is a GPT-NeoX option (attention heads); {lm.family} has none")
+        if lm.family != "mamba" and swap_decay and len(model) == 1:
             raise UnivError("--swap-decay is a Mamba option (the SSM's decay)")
         cfg = CircuitConfig(n_seqs=n_seqs, seq_len=seq_len, seed=seq_seed, batch=batch_seqs, device=device, dtype=dtype,
                             effect=effect, head=head if lm.family == "gpt_neox" else None,

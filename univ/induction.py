@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from . import models, patching
+from . import models, patching, rwkv
 from .circuit import (CircuitConfig, CircuitResult, Means, NothingToFollow, batches, check, followed,
                       other_ids, parse_head, result_path, token_ids)
 from .options import parse_layers
@@ -102,6 +102,77 @@ def mamba_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) ->
     result.rows["y->logit"] = means.rows([("y", i) for i in range(L)], clean["p_B"], lambda k: f"layer {k[1]}")
     result.rows["conv->state->logit"] = means.rows(conv_keys, clean["p_B"], _conv_label)
     return result
+
+
+@torch.no_grad()
+def rwkv_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> CircuitResult:
+    """RWKV, per layer, as for Mamba: state->logit (the WKV state entering the last position from
+    the run without B; every other layer's WKV there frozen clean), time-mix->logit (the time mix's
+    output at the last position from the run without the repeated A; every other layer's frozen
+    clean), and, for the two largest state->logit drops (or --conv-layers), shift->state->logit:
+    the write at s+1 or s+2 recomputed with one of its two inputs (the token-shifted one, or the
+    position's own) from the run with s and s+1 replaced, the state rebuilt from there."""
+    data = induction_data(lm, cfg)
+    chance = 1 / len(token_ids(lm))
+    L = lm.n_layers
+    freeze = cfg.effect == "direct"
+    n_state = min(cfg.state_seqs or cfg.n_seqs, cfg.n_seqs)
+    means = Means()
+    result = CircuitResult("induction", "rwkv", lm.source.name, dataclasses.asdict(cfg), 0.0, 0.0)
+    with _bar(n_state + cfg.n_seqs, f"induction {lm.source.short_name}", progress) as bar:
+        for batch in batches(data, cfg.batch, lm.device, limit=n_state):
+            clean, no_b = rwkv.trace(lm, batch["clean"]), rwkv.trace(lm, batch["no_b"])
+            ref = means.add("clean state", clean.logits, batch["b"])
+            for layer in range(L):
+                logits = rwkv.last_position(lm, clean, layer, state=no_b.state[layer], freeze="wkv" if freeze else None)
+                means.add(("state", layer), logits, batch["b"], ref)
+            bar.update(len(batch["b"]))
+        result.clean["state->logit"] = means.clean("clean state", chance)
+        result.rows["state->logit"] = means.rows([("state", i) for i in range(L)], result.clean["state->logit"]["p_B"],
+                                                 lambda k: f"layer {k[1]}")
+        shift_layers = (parse_layers(cfg.conv_layers, L) if cfg.conv_layers != "auto" else
+                        [int(r["component"].split()[1]) for r in result.rows["state->logit"][:2]])
+        shift_keys = [("shift", layer, off, which) for layer in shift_layers for off in (1, 2)
+                      for which in ("shifted", "current")]
+        for batch in batches(data, cfg.batch, lm.device):
+            clean, no_a, no_ab = (rwkv.trace(lm, batch[k]) for k in ("clean", "no_a", "no_ab"))
+            ref = means.add("clean", clean.logits, batch["b"])
+            for layer in range(L):
+                logits = rwkv.last_position(lm, clean, layer, att_out=no_a.att[layer], freeze="att" if freeze else None)
+                means.add(("att", layer), logits, batch["b"], ref)
+            for key in shift_keys:
+                state = _shift_patched_state(lm, clean, no_ab, key, batch["s"])
+                logits = rwkv.last_position(lm, clean, key[1], state=state, freeze="wkv" if freeze else None)
+                means.add(key, logits, batch["b"], ref)
+            bar.update(len(batch["b"]))
+    clean = result.clean["time-mix->logit"] = result.clean["shift->state->logit"] = means.clean("clean", chance)
+    result.clean_p, result.clean_logit = clean["p_B"], clean["logit_B"]
+    result.rows["time-mix->logit"] = means.rows([("att", i) for i in range(L)], clean["p_B"], lambda k: f"layer {k[1]}")
+    result.rows["shift->state->logit"] = means.rows(shift_keys, clean["p_B"], _shift_label)
+    return result
+
+
+def _shift_label(key) -> str:
+    _, layer, off, which = key
+    source = f"s+{off - 1}" if which == "shifted" else f"s+{off}"
+    return f"layer {layer}: write at s+{off}, its {which} input ({source}) corrupted"
+
+
+def _shift_patched_state(lm, clean, corrupted, key, s: torch.Tensor):
+    """The state entering the last position with the write at s+off recomputed from one input of
+    the corrupted run: the token-shifted one (position s+off−1) or the position's own."""
+    _, layer, off, which = key
+    rows = torch.arange(len(s), device=s.device)
+    x, xc = clean.ln1[layer], corrupted.ln1[layer]
+    prev = rwkv.shifted(x)
+    p = s + off
+    if which == "shifted":
+        prev[rows, p] = xc[rows, p - 1]
+    else:
+        x = x.clone()
+        x[rows, p] = xc[rows, p]
+    k, v = rwkv.keys_values(lm, layer, x, prev)
+    return rwkv.state_before_last(lm, layer, k, v)
 
 
 def _p_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -215,7 +286,7 @@ def run_induction(lm: models.LM, cfg: CircuitConfig, cache_dir, force: bool = Fa
     path = induction_path(cache_dir, lm, cfg)
     if not force and (saved := CircuitResult.load(path)) is not None:
         return saved
-    run = mamba_induction if lm.family == "mamba" else neox_induction
+    run = {"mamba": mamba_induction, "rwkv": rwkv_induction, "gpt_neox": neox_induction}[lm.family]
     result = run(lm, cfg, progress)
     result.save(path)
     return result

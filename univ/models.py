@@ -432,8 +432,9 @@ class RwkvLM(LM):
         return self.model.rwkv.blocks
 
     def _halved(self, layer: int) -> bool:
+        """transformers halves the stream after this block (inference mode, weights rescaled)."""
         every = int(self.model.config.rescale_every or 0)
-        return every > 0 and (layer + 1) % every == 0
+        return every > 0 and (layer + 1) % every == 0 and not self.model.training
 
     @torch.no_grad()
     def capture(self, modules: dict[int, nn.Module], tokens: torch.Tensor) -> torch.Tensor:

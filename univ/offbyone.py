@@ -6,7 +6,9 @@ only the write at position p taken from the corrupted run (p = 1..4), then read 
 position with every other layer's history clean and (effect 'direct', the authors') every other
 layer's last state frozen clean. ``swap_decay`` also takes Ā from the corrupted run, at p + 1, as
 the authors' notebook did (an indexing quirk: it changes which decay multiplies the old state).
-GPT-NeoX, the analogue: one head's keys and values at position p taken from the corrupted run.
+RWKV, as for Mamba: the state entering the last position rebuilt with only the write at p (its
+key and value) from the corrupted run. GPT-NeoX, the analogue: one head's keys and values at
+position p taken from the corrupted run.
 The change of B's logit and probability per p shows where B enters: in Mamba the study saw it
 at p = 2, one position late.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import models, patching
+from . import models, patching, rwkv
 from .circuit import (CircuitConfig, CircuitResult, Means, batches, check, followed, other_ids, parse_head,
                       result_path, token_ids)
 from .errors import UnivError
@@ -66,7 +68,7 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
     """``induction``: the induction settings whose top component is followed when ``layer`` (or
     ``cfg.head``) is not given (default: ``default_induction(cfg)``)."""
     check(cfg, lm, min_len=6)
-    if lm.family == "mamba" and layer != "auto":
+    if lm.family in ("mamba", "rwkv") and layer != "auto":
         try:
             chosen = int(layer)
         except ValueError:
@@ -74,7 +76,7 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
         if not 0 <= chosen < lm.n_layers:
             raise UnivError(f"layer {chosen} is out of range: the model has layers 0-{lm.n_layers - 1}")
     elif lm.family == "gpt_neox" and layer != "auto":
-        raise UnivError("--layer is a Mamba option; for GPT-NeoX give --head L.H")
+        raise UnivError("--layer is a Mamba and RWKV option; for GPT-NeoX give --head L.H")
     ind_cfg = induction or default_induction(cfg)
     follows = _follows(lm, cfg, layer)
     path = offbyone_path(cache_dir, lm, cfg, layer, induction)
@@ -103,6 +105,21 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
                 h = patching.rebuilt_last_state(d, w)
                 means.add(p, patching.last_position(lm.model, clean, chosen, state_last=h, freeze=freeze), batch["b"],
                           ref)
+    elif lm.family == "rwkv":
+        chosen = int(followed(run_induction(lm, ind_cfg, cache_dir, progress=progress), "state->logit").split()[1]) \
+            if follows else int(layer)
+        component = f"layer {chosen}"
+        for batch in batches(data, cfg.batch, lm.device):
+            clean, corr = rwkv.trace(lm, batch["clean"]), rwkv.trace(lm, batch["corrupted"])
+            ref = means.add("clean", clean.logits, batch["b"])
+            k, v = rwkv.keys_values(lm, chosen, clean.ln1[chosen])
+            k_c, v_c = rwkv.keys_values(lm, chosen, corr.ln1[chosen])
+            for p in POSITIONS:
+                kp, vp = k.clone(), v.clone()
+                kp[:, p], vp[:, p] = k_c[:, p], v_c[:, p]
+                state = rwkv.state_before_last(lm, chosen, kp, vp)
+                means.add(p, rwkv.last_position(lm, clean, chosen, state=state,
+                                                 freeze="wkv" if cfg.effect == "direct" else None), batch["b"], ref)
     else:
         head = parse_head(cfg.head, lm) if cfg.head else tuple(
             int(v) for v in followed(run_induction(lm, ind_cfg, cache_dir, progress=progress), "head->logit")[1:].split("H"))

@@ -135,7 +135,8 @@ def _is_pair(name: str) -> bool:
 def mamba_bars(r: CircuitResult, out: Path, label: str, key: str) -> str:
     fig, ax = _fig(f"{label}: induction path patching per layer ({r.config.get('effect', 'direct')} effect)",
                    "layer", "p(B) after patching", key)
-    for offset, (table, color) in enumerate((("state->logit", "tab:blue"), ("y->logit", "tab:orange"))):
+    second = "y->logit" if r.family == "mamba" else "time-mix->logit"
+    for offset, (table, color) in enumerate((("state->logit", "tab:blue"), (second, "tab:orange"))):
         rows = sorted(r.rows[table], key=lambda x: int(x["component"].split()[1]))
         layers = [int(x["component"].split()[1]) for x in rows]
         ax.bar(np.array(layers) + (offset - 0.5) * 0.4, [x["p_B"] for x in rows], width=0.4, color=color, label=table)
@@ -245,7 +246,7 @@ def write_report(run_file: Path, out: Path) -> dict:
         figures += [simplicity] if simplicity else []
     for r in circuits.get("induction", []):
         label = labels.get(r.model, short_name(r.model))
-        figures.append(mamba_bars(r, out, label, key) if r.family == "mamba" else neox_heatmap(r, out, label, key))
+        figures.append(neox_heatmap(r, out, label, key) if r.family == "gpt_neox" else mamba_bars(r, out, label, key))
     if circuits.get("offbyone"):
         figures.append(offbyone_figure(circuits["offbyone"], out, labels, key))
     lines = [f"# univ report: {run['model_a']} vs {run['model_b']}", "",

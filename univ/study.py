@@ -257,7 +257,7 @@ def summary(quality, comparisons, induction, offbyone, skipped=()) -> list[dict]
                              f"{k.replace('_', ' ')} {'n/a' if v is None else f'{v:+.2f}'}" for k, v in rhos.items()),
                          "values": rhos})
     for r in induction:
-        table = "state->logit" if r.family == "mamba" else "head->logit"
+        table = "head->logit" if r.family == "gpt_neox" else "state->logit"
         top, clean = r.rows[table][0], r.clean[table]
         said = (f"{top['component']}: p(B) {clean['p_B']:.3g} -> {top['p_B']:.3g}" if top["stands_out"] else
                 f"no component stands out (largest drop {top['drop']:.2g} ± {top['drop_ci']:.2g}, {top['component']})")
