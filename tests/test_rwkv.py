@@ -191,3 +191,36 @@ def test_rwkv_induction_and_offbyone_tables(rwkv, tmp_path, capsys):
     assert code == 0, err
     table = json.loads(out)["off-by-one (B at position 1)"]
     assert [row["position"] for row in table] == [1, 2, 3, 4]
+
+
+def planted_rwkv(path, tokenizer, shift_only: bool):
+    """Layer 0 writes nothing into the stream (its time-mix output is zero) and its channel mix
+    reads only the current token, so layer 1's input at p depends on token p alone. Layer 1's keys
+    and values read only the token-shifted input (``shift_only``) or only the current one: B (at
+    position 1) then enters layer 1's state with the write at p = 2, or at p = 1."""
+    from transformers import RwkvForCausalLM
+
+    build_rwkv(path, tokenizer, rescale_every=0)
+    model = RwkvForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        b0, b1 = model.rwkv.blocks[0], model.rwkv.blocks[1]
+        b0.attention.output.weight.zero_()
+        b0.feed_forward.time_mix_key.fill_(1.0)
+        b0.feed_forward.time_mix_receptance.fill_(1.0)
+        for p in (b1.attention.time_mix_key, b1.attention.time_mix_value):
+            p.fill_(0.0 if shift_only else 1.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("shift_only, expected", [(True, 2), (False, 1)])
+def test_planted_rwkv_offbyone(assets, tmp_path, shift_only, expected):
+    from univ.circuit import CircuitConfig
+    from univ.offbyone import TABLE, run_offbyone
+
+    path = planted_rwkv(tmp_path / "planted", assets["tokenizer"], shift_only)
+    r = run_offbyone(models.load(str(path), device="cpu"), CircuitConfig(n_seqs=24, seq_len=20, batch=12, device="cpu"),
+                     tmp_path, layer="1")
+    deltas = {row["position"]: abs(row["delta_logit_B"]) for row in r.rows[TABLE]}
+    assert deltas[expected] > 1e-4, deltas
+    assert all(d < 1e-6 for p, d in deltas.items() if p != expected), deltas
