@@ -224,3 +224,22 @@ def test_planted_rwkv_offbyone(assets, tmp_path, shift_only, expected):
     deltas = {row["position"]: abs(row["delta_logit_B"]) for row in r.rows[TABLE]}
     assert deltas[expected] > 1e-4, deltas
     assert all(d < 1e-6 for p, d in deltas.items() if p != expected), deltas
+
+
+def test_real_config_rwkv_equals_transformers(tmp_path):
+    """RWKV-169M's architecture (univ's shipped config), random weights: univ's forward (its WKV)
+    gives transformers' logits and hidden states."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from univ.architectures import CONFIGS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS["rwkv-169m"])).eval()
+    tokens = torch.randint(0, 50_000, (2, 16))
+    with torch.no_grad():
+        theirs = model(input_ids=tokens, output_hidden_states=True, use_cache=False)
+        with wkv.in_transformers():
+            ours = model(input_ids=tokens, output_hidden_states=True, use_cache=False)
+    assert torch.allclose(ours.logits, theirs.logits, atol=1e-3, rtol=1e-4)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
