@@ -54,6 +54,17 @@ def induction_data(lm: models.LM, cfg: CircuitConfig) -> dict[str, torch.Tensor]
     return {"clean": x, "no_b": no_b, "no_a": no_a, "no_ab": no_ab, "random": rand, "s": s, "b": b}
 
 
+def _state_table(result: CircuitResult, means: Means, cfg: CircuitConfig, n_layers: int, chance: float) -> list[int]:
+    """Fill the state->logit table (Mamba, RWKV); return the layers its follow-up analysis looks
+    into: --conv-layers, or the two largest drops."""
+    result.clean["state->logit"] = means.clean("clean state", chance)
+    result.rows["state->logit"] = means.rows([("state", i) for i in range(n_layers)],
+                                             result.clean["state->logit"]["p_B"], lambda k: f"layer {k[1]}")
+    if cfg.conv_layers != "auto":
+        return parse_layers(cfg.conv_layers, n_layers)
+    return [int(r["component"].split()[1]) for r in result.rows["state->logit"][:2]]
+
+
 def _bar(total: int, desc: str, progress: bool):
     return progress_bar(total, desc, "seq", 0, progress)
 
@@ -77,11 +88,7 @@ def mamba_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) ->
                                                  freeze="state" if direct else None)
                 means.add(("state", layer), logits, batch["b"], ref)
             bar.update(len(batch["b"]))
-        result.clean["state->logit"] = means.clean("clean state", chance)
-        result.rows["state->logit"] = means.rows([("state", i) for i in range(L)], result.clean["state->logit"]["p_B"],
-                                                 lambda k: f"layer {k[1]}")
-        conv_layers = (parse_layers(cfg.conv_layers, L) if cfg.conv_layers != "auto" else
-                       [int(r["component"].split()[1]) for r in result.rows["state->logit"][:2]])
+        conv_layers = _state_table(result, means, cfg, L, chance)
         conv_keys = []
         for batch in batches(data, cfg.batch, lm.device):
             clean = patching.mamba_trace(model, batch["clean"], [T - 2, T - 1])
@@ -127,11 +134,7 @@ def rwkv_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> 
                 logits = rwkv.last_position(lm, clean, layer, state=no_b.state[layer], freeze="wkv" if freeze else None)
                 means.add(("state", layer), logits, batch["b"], ref)
             bar.update(len(batch["b"]))
-        result.clean["state->logit"] = means.clean("clean state", chance)
-        result.rows["state->logit"] = means.rows([("state", i) for i in range(L)], result.clean["state->logit"]["p_B"],
-                                                 lambda k: f"layer {k[1]}")
-        shift_layers = (parse_layers(cfg.conv_layers, L) if cfg.conv_layers != "auto" else
-                        [int(r["component"].split()[1]) for r in result.rows["state->logit"][:2]])
+        shift_layers = _state_table(result, means, cfg, L, chance)
         shift_keys = [("shift", layer, off, which) for layer in shift_layers for off in (1, 2)
                       for which in ("shifted", "current")]
         for batch in batches(data, cfg.batch, lm.device):
