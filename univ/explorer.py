@@ -141,13 +141,17 @@ def write_explorer(comparisons: list, examples: list[dict], windows: dict, out: 
             layers.append({"layer": la, "file": name})
         index.append({"name": c.name, "label": labels.get(c.name, f"{c.a} vs {c.b}"), "layers": layers})
     files.write_text(data_dir / "vocab.js", _js("univ.vocab", _vocab(tokenizer, used)))
+    written = {"vocab.js"} | {f"{entry['file']}.js" for c in index for entry in c["layers"]}
+    for stale in data_dir.glob("*.js"):  # an earlier report's comparisons
+        if stale.name not in written:
+            stale.unlink()
     page = out / "index.html"
     files.write_text(page, _PAGE.replace("__TITLE__", html.escape(title)).replace("__KEY__", html.escape(key))
                      .replace("__TABLES__", _tables_html(tables))
                      .replace("__FIGURES__", "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}">'
                                                      f"<figcaption>{html.escape(f)}</figcaption></figure>"
                                                      for f in figures))
-                     .replace("__INDEX__", json.dumps(index)))
+                     .replace("__INDEX__", json.dumps(index).replace("</", "<\\/")))
     return page
 
 
