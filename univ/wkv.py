@@ -145,7 +145,7 @@ def wkv_triton(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tens
 
 def wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         state: State | None = None, states: bool = False) -> tuple[torch.Tensor, State, State | None]:
-    """WKV over [B, T, C]: the Triton kernel on CUDA, the cumulative-sum form elsewhere."""
+    """WKV over [B, T, C]: the Triton kernel on CUDA, the in-place loop elsewhere."""
     run = wkv_triton if use_triton(k) else wkv_torch
     return run(time_decay, time_first, k, v, state, states)
 
