@@ -266,7 +266,7 @@ def match(
     cache_dir: Path = flags.CacheDir,
     fmt: Format = FormatOpt,
 ) -> None:
-    """MPPC between two models' SAE features, both ways, the depth map, baselines and skylines."""
+    """MPPC between two models' SAE features (or every pair of several), both ways, depth maps, baselines and skylines."""
     from .match import MatchConfig
     from .match_stage import MatchRequest, matrix, run_match
 
