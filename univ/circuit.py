@@ -74,17 +74,7 @@ class CircuitResult:
             return None
 
 
-FAMILIES = ("gpt_neox", "mamba", "rwkv")
-"""Families the circuit analyses know."""
-
-
-class NotForFamily(UnivError):
-    """A circuit analysis asked of a family it does not know (RWKV, so far)."""
-
-
 def check(cfg: CircuitConfig, lm: models.LM, min_len: int = 4) -> None:
-    if lm.family not in FAMILIES:
-        raise NotForFamily(f"{lm.source.name} is {lm.family}: univ's circuit analyses know GPT-NeoX, Mamba and RWKV")
     if cfg.seq_len < min_len:
         raise UnivError(f"--seq-len must be at least {min_len}, not {cfg.seq_len}")
     if cfg.n_seqs < 1:

@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 from . import __version__, files, flags, models
 from .cache import CacheConfig, run_cache
-from .circuit import FAMILIES as CIRCUIT_FAMILIES
 from .circuit import CircuitConfig, NothingToFollow
 from .errors import UnivError
 from .fit import FitConfig, run_fit
@@ -188,11 +187,6 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         comparisons = run_match(p.match, progress)
     induction, offbyone, paths, skipped = [], [], {"induction": [], "offbyone": []}, []
     for model in (a, b, *cfg.more_b):
-        family = models.resolve(model).family
-        if family not in CIRCUIT_FAMILIES:
-            skipped += [{"stage": stage, "model": model, "why": f"univ's circuit analyses know GPT-NeoX and Mamba, "
-                                                                f"not {family}"} for stage in ("induction", "offbyone")]
-            continue
         lm = models.load(model, device=p.data.device, dtype=p.circuit.dtype)
         with _stage("induction", p.rerun[f"induction {model}"], durations, model):
             induction.append(run_induction(lm, p.circuit, cache_dir, progress=progress))
@@ -220,9 +214,6 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     with _stage("report", flags.command("report", "--cache-dir", cache_dir, "--run", run_file)):
         report = write_report(run_file, cfg.out or cache_dir / "report")
     return StudyResult(summary(quality, comparisons, induction, offbyone, skipped), run_file, report, skipped, grid)
-
-
-STAGE_NAMES = {"induction": "induction", "offbyone": "off-by-one"}
 
 
 def summary(quality, comparisons, induction, offbyone, skipped=()) -> list[dict]:
@@ -274,6 +265,6 @@ def summary(quality, comparisons, induction, offbyone, skipped=()) -> list[dict]
                      "values": {"component": r.config["component"], "position": top["position"],
                                 "delta_logit_B": top["delta_logit_B"]}})
     for skip in skipped:
-        rows.append({"what": STAGE_NAMES[skip["stage"]], "subject": skip["model"], "result": f"not run: {skip['why']}",
+        rows.append({"what": "off-by-one", "subject": skip["model"], "result": f"not run: {skip['why']}",
                      "values": {"skipped": skip["why"]}})
     return rows
