@@ -79,6 +79,9 @@ def trace(lm, tokens: torch.Tensor) -> Trace:
         hooks.append(block.ln1.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("ln1", i), (a[0], o))))
         hooks.append(block.ln2.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("ln2", i), o)))
         hooks.append(block.attention.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("att", i), o[0])))
+        for name in ("key", "value"):  # the keys and values the forward wrote, for the states below
+            hooks.append(getattr(block.attention, name).register_forward_hook(
+                lambda m, a, o, i=i, name=name: seen.__setitem__((name, i), o)))
     try:
         logits = lm.logits(tokens)[:, -1].float()
     finally:
@@ -87,7 +90,7 @@ def trace(lm, tokens: torch.Tensor) -> Trace:
     tr = Trace([], [], [], [], [], [], [], logits)
     for i, block in enumerate(blocks):
         resid, x = seen[("ln1", i)]
-        k, v = keys_values(lm, i, x)
+        k, v = seen[("key", i)], seen[("value", i)]
         att = block.attention
         out, last, every = wkv(att.time_decay, att.time_first, k, v, states=True)
         tr.resid_in.append(resid[:, -1])
