@@ -42,6 +42,8 @@ def test_an_unreachable_hub_fails_fast_and_says_so(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(hub.socket, "create_connection", no_route)
     hub.reachable.cache_clear()
     try:
