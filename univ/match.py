@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from . import files, models
 from .correlate import Encoded, PairMax, encode_window, pair_max
 from .errors import UnivError
-from .examples import PROXIES, QUANTILES, TOP_K, proxies, spearman, token_store_of, window_tokens
+from .examples import PROXIES, QUANTILES, TOP_K, Examples, proxies, spearman, token_store_of, window_tokens
 from .progress import bar as progress_bar
 from .store import Store, config_key, slug
 
@@ -152,8 +152,10 @@ def check_paired(a: Side, b: Side) -> None:
 
 
 def _encode(side: Side, layer: int, n: int, cfg: MatchConfig, device, examples: Path | None = None) -> Encoded:
-    """One layer's features over the window; with ``examples`` (a file), what each feature fires on
-    is collected on the way and written there unless it already is."""
+    """One layer's features over the window; with ``examples`` (a file), what each feature fires on:
+    read from there when an earlier comparison of this side wrote it, else collected on the way
+    and written."""
+    known = Examples.load(examples) if examples is not None else None
     store, encoder = side.stores[layer], side.encoders[layer]
 
     def batches():
@@ -170,8 +172,11 @@ def _encode(side: Side, layer: int, n: int, cfg: MatchConfig, device, examples: 
 
     first = store.read_chunk(min(store.chunks))["acts"][:1].to(device)
     width = (encoder(first.float()) if encoder is not None else first).shape[-1]
-    enc = encode_window(batches(), width, sparse=encoder is not None, device=device, examples=examples is not None)
-    if examples is not None and not examples.is_file():
+    enc = encode_window(batches(), width, sparse=encoder is not None, device=device,
+                        examples=examples is not None and known is None)
+    if known is not None:
+        return enc._replace(examples=known)
+    if examples is not None:
         enc.examples.save(examples)
     return enc
 
@@ -182,10 +187,9 @@ def examples_dir(out_root: Path, side: Side, n: int) -> Path:
     return out_root / "examples" / f"{slug(side.label)}-{config_key({'side': side.ident, 'tokens': n})}"
 
 
-def _complexity(side: Side, exs: list, value: torch.Tensor, fires: torch.Tensor, n: int, cache_dir: Path) -> dict:
-    """Spearman's rho between each live feature's MPPC and each simplicity proxy."""
-    tstore = token_store_of(side.stores[min(side.stores)], cache_dir)
-    window = window_tokens(tstore, n) if tstore is not None else None
+def _complexity(exs: list, value: torch.Tensor, fires: torch.Tensor, window) -> dict:
+    """Spearman's rho between each live feature's MPPC and each simplicity proxy (``window``: the
+    window's tokens, None when its token store is not at hand)."""
     per_layer = [proxies(ex, window) for ex in exs]
     alive = fires.flatten().cpu().numpy()
     mppc = value.flatten().double().cpu().numpy()[alive]
@@ -247,9 +251,10 @@ def compare(name: str, a: Side, b: Side, cfg: MatchConfig, out_root: Path, progr
                 bar.update()
             del enc_a
     b_fires = torch.stack([enc_b[l].fires for l in lb]).cpu()
-    cache_dir = out_root.parent
-    complexity = {"a": _complexity(a, ex_a, a_val, torch.stack(a_fires), n, cache_dir),
-                  "b": _complexity(b, [enc_b[l].examples for l in lb], b_val, b_fires, n, cache_dir)}
+    tstore = token_store_of(a.stores[la[0]], out_root.parent)  # both sides' rows are these tokens (check_paired)
+    window = window_tokens(tstore, n) if tstore is not None else None
+    complexity = {"a": _complexity(ex_a, a_val, torch.stack(a_fires), window),
+                  "b": _complexity([enc_b[l].examples for l in lb], b_val, b_fires, window)}
     examples = {side: {layer: os.path.relpath(ex_dirs[side] / f"layer-{layer}.safetensors", out)
                        for layer in layers} for side, layers in (("a", la), ("b", lb))}
     result = Comparison(name, a.label, b.label, la, lb, n,
