@@ -121,7 +121,9 @@ class _Plan(NamedTuple):
 
     settings: dict
     everyone: list[str]
-    """The models given SAEs: A, B and (for the model-seed skyline) C."""
+    """The models given SAEs: A, the B models and (for the model-seed skyline) C."""
+    cached: list[str]
+    """Every model univ cache caches: those, and the B models' random-init baselines."""
     data: CacheConfig
     fit: FitConfig
     match: MatchRequest
@@ -152,7 +154,8 @@ def plan(cfg: StudyConfig) -> _Plan:
     corpus = flags.of(data, flags.CORPUS) + where
     sae = flags.of(fit, flags.SAE)
     randoms = [models.RANDOM_PREFIX + m for m in bs] if "random-init" in s["baselines"] else []
-    rerun = {"cache": flags.command("cache", *[x for m in everyone + randoms for x in ("--model", m)], *corpus)}
+    cached = everyone + randoms
+    rerun = {"cache": flags.command("cache", *[x for m in cached for x in ("--model", m)], *corpus)}
     for m in everyone:
         rerun[f"fit-sae {m}"] = flags.command("fit-sae", "--model", m, *sae,
                                               *flags.of(data, flags.CORPUS, skip=("store_dtype",)), *where)
@@ -166,7 +169,7 @@ def plan(cfg: StudyConfig) -> _Plan:
         rerun[f"offbyone {m}"] = flags.command(
             "offbyone", "--model", m, *flags.of(obo, flags.CIRCUIT), "--induction-seqs", circuit.n_seqs,
             *(["--induction-state-seqs", circuit.state_seqs] if circuit.state_seqs else []), *where)
-    return _Plan(s, everyone, data, fit, req, circuit, obo, rerun)
+    return _Plan(s, everyone, cached, data, fit, req, circuit, obo, rerun)
 
 
 def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
@@ -175,8 +178,7 @@ def run_all(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     s, everyone, cache_dir = p.settings, p.everyone, p.data.cache_dir
     durations: dict[str, float] = {}
     with _stage("cache", p.rerun["cache"], durations):
-        randoms = [models.RANDOM_PREFIX + m for m in (b, *cfg.more_b)] if "random-init" in s["baselines"] else []
-        run_cache(dataclasses.replace(p.data, models=everyone + randoms), progress)
+        run_cache(dataclasses.replace(p.data, models=p.cached), progress)
     quality = []
     for model in everyone:
         with _stage("fit-sae", p.rerun[f"fit-sae {model}"], durations, model):
