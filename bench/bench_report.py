@@ -50,8 +50,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ctx = 1023  # kept tokens per 1024-token context (BOS dropped)
     n = args.tokens
-    window = WindowTokens(np.random.default_rng(0).integers(0, 50_000, n), np.arange(n) // ctx, np.arange(n) % ctx,
-                          np.zeros((1, 1)), np.zeros((1, 1), bool))
+    window = WindowTokens(np.random.default_rng(0).integers(0, 50_000, n), np.arange(n) // ctx)
     c = _Comparison(args.features, 24, g)
     examples = {"a": {0: _examples(args.features, n, g)}, "b": {m: _examples(args.features, n, g) for m in range(24)}}
     start = time.perf_counter()

@@ -259,7 +259,7 @@ def test_simplicity_proxies_and_their_rank_correlation():
     # feature 2 never fires.
     ids = np.array([7, 7, 7, 7, 1, 2, 3, 4])
     context = np.array([0, 0, 0, 0, 1, 2, 3, 4])
-    window = WindowTokens(ids, context, np.arange(8), np.zeros((5, 8)), np.ones((5, 8), bool))
+    window = WindowTokens(ids, context)
     rows = torch.tensor([[0, 4, -1], [1, 5, -1], [2, 6, -1], [3, 7, -1]], dtype=torch.int32)
     ex = Examples(8, torch.where(rows >= 0, 1.0, 0.0), rows, torch.tensor([4, 4, 0]), torch.zeros(3, 3))
     p = proxies(ex, window)

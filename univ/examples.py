@@ -122,12 +122,6 @@ class WindowTokens(NamedTuple):
     """[n] token id of each row."""
     context: np.ndarray
     """[n] the context (document) each row belongs to."""
-    position: np.ndarray
-    """[n] its position in that context."""
-    tokens: np.ndarray
-    """[contexts, ctx_len] every context's token ids (BOS, padding and all)."""
-    mask: np.ndarray
-    """[contexts, ctx_len] kept positions."""
 
     def span(self, row: int) -> tuple[int, int]:
         """First and last row (inclusive) of the context ``row`` belongs to (rows of one context
@@ -144,7 +138,7 @@ def window_tokens(tstore: Store, n: int) -> WindowTokens:
         masks.append(chunk["mask"].numpy())
     tokens, mask = np.concatenate(toks), np.concatenate(masks)
     context, position = np.nonzero(mask)
-    return WindowTokens(tokens[context, position][:n], context[:n], position[:n], tokens, mask)
+    return WindowTokens(tokens[context, position][:n], context[:n])
 
 
 def token_store(cache_root: Path, key: str | None) -> Store | None:
@@ -187,10 +181,9 @@ def proxies(ex: Examples, window: WindowTokens | None) -> dict[str, torch.Tensor
     ctx = torch.from_numpy(window.context[rows].astype(np.int64))
     c_ids, c_ctx = _distinct_weighted(ids, valid), _distinct_weighted(ctx, valid)
     vf = valid.double()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = torch.where(valid, c_ids.double() / m, 1.0)
-        entropy = -(vf * torch.log2(p)).sum(0) / m
-        spread = (vf / torch.where(valid, c_ctx.double(), 1.0)).sum(0) / m
+    p = torch.where(valid, c_ids.double() / m, 1.0)
+    entropy = -(vf * torch.log2(p)).sum(0) / m  # 0/0: NaN for a feature that never fired
+    spread = (vf / torch.where(valid, c_ctx.double(), 1.0)).sum(0) / m
     return {**out, "token_entropy": entropy, "context_spread": spread}
 
 
