@@ -138,7 +138,8 @@ def rwkv_induction(lm: models.LM, cfg: CircuitConfig, progress: bool = True) -> 
         shift_keys = [("shift", layer, off, which) for layer in shift_layers for off in (1, 2)
                       for which in ("shifted", "current")]
         for batch in batches(data, cfg.batch, lm.device):
-            clean, no_a, no_ab = (rwkv.trace(lm, batch[k]) for k in ("clean", "no_a", "no_ab"))
+            clean = rwkv.trace(lm, batch["clean"])
+            no_a, no_ab = (rwkv.trace(lm, batch[k], states=False) for k in ("no_a", "no_ab"))
             ref = means.add("clean", clean.logits, batch["b"])
             for layer in range(L):
                 logits = rwkv.last_position(lm, clean, layer, att_out=no_a.att[layer], freeze="att" if freeze else None)

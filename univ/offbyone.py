@@ -110,7 +110,7 @@ def run_offbyone(lm: models.LM, cfg: CircuitConfig, cache_dir, layer: str = "aut
             if follows else int(layer)
         component = f"layer {chosen}"
         for batch in batches(data, cfg.batch, lm.device):
-            clean, corr = rwkv.trace(lm, batch["clean"]), rwkv.trace(lm, batch["corrupted"])
+            clean, corr = rwkv.trace(lm, batch["clean"]), rwkv.trace(lm, batch["corrupted"], states=False)
             ref = means.add("clean", clean.logits, batch["b"])
             k, v = rwkv.keys_values(lm, chosen, clean.ln1[chosen])
             k_c, v_c = rwkv.keys_values(lm, chosen, corr.ln1[chosen])

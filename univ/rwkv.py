@@ -33,10 +33,10 @@ class Trace:
     """[B, D]: ln2 of the stream at the position before (the channel mix's shifted input)."""
     ln1: list[torch.Tensor]
     """[B, T, D]: ln1 of the stream at every position (for keys and values written earlier)."""
-    state: list[State]
-    """The WKV state entering the last position (after the one before it)."""
-    wkv: list[torch.Tensor]
-    """[B, C]: WKV at the last position."""
+    state: list[State | None]
+    """The WKV state entering the last position (after the one before it); None without ``states``."""
+    wkv: list[torch.Tensor | None]
+    """[B, C]: WKV at the last position; None without ``states``."""
     att: list[torch.Tensor]
     """[B, D]: the time mix's output at the last position."""
     logits: torch.Tensor
@@ -71,7 +71,9 @@ def state_before_last(lm, layer: int, k: torch.Tensor, v: torch.Tensor) -> State
 
 
 @torch.no_grad()
-def trace(lm, tokens: torch.Tensor) -> Trace:
+def trace(lm, tokens: torch.Tensor, states: bool = True) -> Trace:
+    """``states``: also every layer's WKV state entering the last position and its WKV there (a
+    pass of the recurrence per layer); without, those fields hold None."""
     blocks = lm.blocks()
     seen: dict = {}
     hooks = []
@@ -91,14 +93,13 @@ def trace(lm, tokens: torch.Tensor) -> Trace:
     for i, block in enumerate(blocks):
         resid, x = seen[("ln1", i)]
         k, v = seen[("key", i)], seen[("value", i)]
-        att = block.attention
-        out, last, every = wkv(att.time_decay, att.time_first, k, v, states=True)
+        state = state_before_last(lm, i, k, v) if states else None
         tr.resid_in.append(resid[:, -1])
         tr.ln1.append(x)
         tr.ln1_prev.append(x[:, -2])
         tr.ln2_prev.append(seen[("ln2", i)][:, -2])
-        tr.state.append(State(*(s[:, -2] for s in every)))
-        tr.wkv.append(out[:, -1])
+        tr.state.append(state)
+        tr.wkv.append(_wkv_last(block.attention, state, k[:, -1], v[:, -1]) if states else None)
         tr.att.append(seen[("att", i)][:, -1])
     return tr
 
