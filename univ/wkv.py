@@ -13,8 +13,9 @@ place: measured on a 2-core CPU at d 768, 1024 positions, 1.4x transformers' loo
 level at batch 4 and 16. (Because the decay does not depend on the input, S_t is a cumulative
 sum, e^{t w} Σ_{j≤t} e^{k_j − j w} v_j; computed for all positions at once with
 log-cumulative-sum-exp, it needs float64 against the cancellation in t w and was 6x slower than
-the loop there.) Both return, when asked, the state after every position, which transformers'
-do not and the circuit analyses need.
+the loop there.) Both return the state after the last position (the circuit analyses rebuild the
+one entering the last position from patched keys and values) and, when asked, after every
+position (transformers' only the last).
 """
 
 from __future__ import annotations
