@@ -322,7 +322,7 @@ def induction(
     conv_cumulative: bool = typer.Option(False, "--conv-cumulative", help="Mamba: accumulate the conv input swaps (s+2, then s+1 too, then s) as the authors' script did."),
     head: str = typer.Option(None, "--head", help="GPT-NeoX: induction head (5.0 or L5H0) for head->head (default: top head->logit)."),
     top: int = typer.Option(10, "--top", help="Rows shown per analysis (json: all)."),
-    table: str = TableOpt("clean, state->logit, y->logit, conv->state->logit for Mamba; clean, head->logit, head->L5H0 (K-composition) for GPT-NeoX"),
+    table: str = TableOpt("clean, state->logit, y->logit, conv->state->logit for Mamba; clean, state->logit, time-mix->logit, shift->state->logit for RWKV; clean, head->logit, head->L5H0 (K-composition) for GPT-NeoX"),
     dtype: str = flags.CircuitDtype,
     device: str = flags.Device,
     cache_dir: Path = flags.CacheDir,
