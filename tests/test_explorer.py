@@ -1,6 +1,7 @@
 """The report's explorer page, opened from disk in a real browser (Debian's chromium, headless): no
 error, and the planted pair of features shows up as partners, with its contexts as text."""
 
+import html as html_lib
 import json
 import re
 import shutil
@@ -67,8 +68,12 @@ def test_explorer_page_in_a_real_browser(assets, tmp_path):
     assert "<td>1.000</td>" in row.group(2)
     # Its contexts are text from the tokenizer, with the maximum marked.
     assert 'class="tok max"' in row.group(2)
-    words = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', row.group(2))
-    assert any(w.strip() in assets["docs"][0] + " ".join(assets["docs"]) for w in words if w.strip())
+    # Each context is a stretch of one document: its decoded tokens, joined, are found in one.
+    contexts = re.findall(r'<div class="ctx">(.*?)</div>', row.group(2), re.S)
+    assert len(contexts) == 2 * 3
+    for ctx in contexts:
+        text = html_lib.unescape("".join(re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', ctx)))
+        assert len(text) > 5 and any(text in doc for doc in assets["docs"]), text
     shot = tmp_path / "explorer.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
