@@ -138,6 +138,22 @@ def test_a_long_step_between_updates_is_not_silent(monkeypatch, caplog):
     assert lines[-1] == "work: done, 10 it in 0m00s"
 
 
+def test_many_short_bars_still_show_a_line_every_interval(monkeypatch, caplog):
+    """A run made of bars each shorter than the interval (match's comparisons in a row) is not
+    silent either: the interval counts from the process's last line, not each bar's start."""
+    import time
+
+    from univ import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.12)
+    monkeypatch.setattr(progress, "_last_line", [time.monotonic()])
+    with caplog.at_level("INFO", logger="univ"):
+        for i in range(8):
+            with progress._Lines(1, f"short {i}", "it", 0):
+                time.sleep(0.05)
+    assert 2 <= len([m for m in caplog.messages if m.startswith("short ")]) <= 5, caplog.messages
+
+
 def test_version_and_bare_univ(capsys):
     from univ import __version__
 

@@ -14,6 +14,9 @@ from tqdm import tqdm
 
 LOG_EVERY = 60.0
 """Seconds between progress lines when stderr is not a terminal."""
+_last_line = [time.monotonic()]
+"""When the process last wrote a progress line: a run made of many bars shorter than LOG_EVERY
+(a match's comparisons, one after another) still shows a line every LOG_EVERY."""
 log = logging.getLogger("univ")
 
 
@@ -51,8 +54,11 @@ class _Lines:
         self.done += n
 
     def _report_every(self) -> None:
-        while not self._closed.wait(LOG_EVERY):
+        while not self._closed.wait(LOG_EVERY / 12):  # wakes often, writes only once per LOG_EVERY
             now = time.monotonic()
+            if now - _last_line[0] < LOG_EVERY:
+                continue
+            _last_line[0] = now
             rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta = _duration(left) if left != float("inf") else "?"
